@@ -1,0 +1,57 @@
+"""lightning-peft: parameter-efficient fine-tuning for PyTorch Lightning."""
+
+from lightning_peft.callback import PEFTCallback
+from lightning_peft.io import load_adapter, load_peft_checkpoint, save_adapter
+from lightning_peft.methods import (
+    IA3,
+    Adapter,
+    BitFit,
+    DoRA,
+    LoRA,
+    PEFTLayer,
+    PEFTMethod,
+    PrefixTuning,
+    PromptTuning,
+    available_methods,
+    register_method,
+)
+from lightning_peft.mixin import PEFTMixin
+from lightning_peft.model import (
+    adapter_state_dict,
+    apply_peft,
+    count_parameters,
+    merge_adapter,
+    merge_and_unload,
+    remove_peft,
+    trainable_parameter_names,
+    unmerge_adapter,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IA3",
+    "Adapter",
+    "BitFit",
+    "DoRA",
+    "LoRA",
+    "PEFTCallback",
+    "PEFTLayer",
+    "PEFTMethod",
+    "PEFTMixin",
+    "PrefixTuning",
+    "PromptTuning",
+    "adapter_state_dict",
+    "apply_peft",
+    "available_methods",
+    "count_parameters",
+    "load_adapter",
+    "load_peft_checkpoint",
+    "merge_adapter",
+    "merge_and_unload",
+    "register_method",
+    "remove_peft",
+    "save_adapter",
+    "trainable_parameter_names",
+    "unmerge_adapter",
+]

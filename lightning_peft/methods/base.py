@@ -1,0 +1,140 @@
+"""The shared interface every PEFT method implements.
+
+A method is two things:
+
+* a configuration dataclass deriving from :class:`PEFTMethod`. It validates its own fields in
+  ``__post_init__``, finds its targets in a model without touching it (:meth:`PEFTMethod.plan`) and then
+  attaches itself (:meth:`PEFTMethod.inject`);
+* zero or more :class:`PEFTLayer` modules that it puts into the model. A layer knows which of its own
+  parameters are the adapter's (:meth:`PEFTLayer.peft_parameter_names`), how to merge itself into the base
+  weights and back, and how to give the base layer back (:meth:`PEFTLayer.unload`).
+
+Everything else (freezing, trainable-parameter bookkeeping, checkpoint filtering, merge of a whole model,
+save/load) is generic and lives in :mod:`lightning_peft.model`, so a new method is one new file plus one
+registration line in :mod:`lightning_peft.methods`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from lightning_peft.targeting import ModuleTargets
+
+
+class PEFTLayer(nn.Module):
+    """Base class for every module a PEFT method inserts into a model."""
+
+    #: whether :meth:`merge` folds the adapter into the base weights
+    mergeable: ClassVar[bool] = False
+    #: local parameter name -> name used in HF PEFT's adapter_model.safetensors (when they differ)
+    peft_names: ClassVar[dict[str, str]] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.merged = False
+
+    def peft_parameter_names(self) -> list[str]:
+        """Local names of the parameters that belong to the adapter (trained and saved)."""
+        return [name for name, _ in self.named_parameters() if not name.startswith("base_layer.")]
+
+    def peft_key(self, module_path: str, local_name: str) -> str:
+        """Key of one of this layer's tensors in an HF-PEFT-format ``adapter_model.safetensors``.
+
+        ``module_path`` is the layer's name relative to the transformers model (or the root module).
+        """
+        local = self.peft_names.get(local_name, local_name)
+        return f"base_model.model.{module_path}.{local}" if module_path else f"base_model.model.{local}"
+
+    def merge(self) -> None:
+        """Fold the adapter into the base layer's weights (only for mergeable layers)."""
+        raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def unload(self) -> nn.Module | None:
+        """The module to put back in place of this layer on ``merge_and_unload``.
+
+        ``None`` means "remove this layer" (used by layers that are extra children, not wrappers).
+        """
+        raise TypeError(f"{type(self).__name__} cannot be unloaded from the model")
+
+
+@dataclass
+class PEFTMethod:
+    """Base configuration shared by all PEFT methods."""
+
+    #: registry name, also written to adapter_config.json
+    method_name: ClassVar[str] = ""
+    #: whether the method's layers can be folded into the base weights
+    mergeable: ClassVar[bool] = False
+
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter, e.g. ``["classifier"]`` for a new head. Matched
+    like ``target_modules`` entries: exact name or dotted suffix."""
+
+    def __post_init__(self) -> None:
+        self.modules_to_save = _as_str_list(self.modules_to_save, "modules_to_save")
+
+    # -- the interface -------------------------------------------------------------------------------
+    def plan(self, model: nn.Module) -> ModuleTargets:
+        """Find and validate this method's targets in ``model`` without modifying it.
+
+        Raises ``ValueError``/``TypeError`` for anything that would make :meth:`inject` fail, so that a
+        model is never left half-modified.
+        """
+        raise NotImplementedError
+
+    def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
+        """Attach the method to the ``targets`` found by :meth:`plan`."""
+        raise NotImplementedError
+
+    # -- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method_name, **dataclasses.asdict(self)}
+
+    def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
+        """The equivalent HF PEFT ``adapter_config.json`` fields, or ``None`` when PEFT has no equivalent."""
+        return None
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> PEFTMethod | None:
+        """Build this method from an HF PEFT ``adapter_config.json``, or ``None`` if it is not this method's."""
+        return None
+
+
+def _as_str_list(value: Any, argument: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{argument} must be a list of strings, got {value!r}")
+    return list(value)
+
+
+def check_positive_int(value: Any, argument: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{argument} must be a positive integer, got {value!r}")
+
+
+def check_positive_float(value: Any, argument: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{argument} must be a positive number, got {value!r}")
+
+
+def check_probability(value: Any, argument: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{argument} must be a float in [0, 1), got {value!r}")
+
+
+def check_choice(value: Any, argument: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{argument} must be one of {allowed}, got {value!r}")

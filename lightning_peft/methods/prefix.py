@@ -1,0 +1,20 @@
+"""Placeholder: PrefixTuning is being implemented."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.registry import register_method
+
+
+@register_method
+@dataclass
+class PrefixTuning(PEFTMethod):
+    """Not implemented yet."""
+
+    method_name: ClassVar[str] = "prefix"
+
+    def plan(self, model):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("PrefixTuning is not implemented yet")

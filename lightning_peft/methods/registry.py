@@ -1,0 +1,35 @@
+"""Name → method-class registry, used for YAML/JSON round trips and adapter_config.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_peft.methods.base import PEFTMethod
+
+_REGISTRY: dict[str, type[PEFTMethod]] = {}
+
+
+def register_method(cls: type[PEFTMethod]) -> type[PEFTMethod]:
+    """Register a method class under its ``method_name`` (usable as a decorator)."""
+    if not cls.method_name:
+        raise ValueError(f"{cls.__name__}.method_name must be a non-empty string")
+    _REGISTRY[cls.method_name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[PEFTMethod]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"method must be one of {available_methods()}, got {name!r}") from None
+
+
+def method_from_dict(data: dict[str, Any]) -> PEFTMethod:
+    """Rebuild a configuration written by ``PEFTMethod.to_dict``."""
+    data = dict(data)
+    cls = get_method_class(data.pop("method", ""))
+    return cls(**data)

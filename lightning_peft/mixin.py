@@ -1,0 +1,74 @@
+"""PEFTMixin: the callback's behaviour configured on the LightningModule itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_peft.hooks import attach
+from lightning_peft.io import filter_checkpoint, prepare_checkpoint_load
+from lightning_peft.methods import PEFTMethod
+from lightning_peft.model import as_method_list, is_attached
+from lightning_peft.optim import fix_optimizers
+
+
+class PEFTMixin:
+    """Mix into a LightningModule (``class MyModel(PEFTMixin, LightningModule)``) to get PEFT.
+
+    Configure the method by setting ``self.peft_method`` in ``__init__`` (e.g. from an argument saved with
+    ``save_hyperparameters``) or by overriding :meth:`configure_peft`. The adapter is attached in ``setup``
+    when the target layers exist, otherwise right after ``configure_model``; call :meth:`apply_peft`
+    yourself inside ``configure_model`` to attach *before* sharding (FSDP2 ``fully_shard``).
+
+    ``MyModel.load_from_checkpoint(path)`` works on the adapter-only checkpoints: the base weights come
+    from ``__init__``/``configure_model`` and the adapter from the file.
+    """
+
+    peft_method: PEFTMethod | list[PEFTMethod] | None = None
+
+    def configure_peft(self) -> PEFTMethod | list[PEFTMethod] | None:
+        """The method(s) to attach; defaults to ``self.peft_method``."""
+        return self.peft_method
+
+    def apply_peft(self) -> None:
+        """Attach the configured method(s) now (idempotent)."""
+        method = self.configure_peft()
+        if method is None:
+            raise ValueError(
+                f"{type(self).__name__}: set self.peft_method (e.g. LoRA(r=8)) or override configure_peft()"
+            )
+        attach(self, as_method_list(method), getattr(self, "_trainer", None))  # type: ignore[arg-type]
+
+    def _targets_exist(self) -> bool:
+        method = self.configure_peft()
+        if method is None:
+            return False
+        try:
+            for m in as_method_list(method):
+                m.plan(self)  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        return True
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # type: ignore[misc]
+        if not is_attached(self) and self._targets_exist():  # type: ignore[arg-type]
+            self.apply_peft()
+
+    def configure_model(self) -> None:
+        super().configure_model()  # type: ignore[misc]
+        if not is_attached(self) and self.configure_peft() is not None:  # type: ignore[arg-type]
+            self.apply_peft()
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()  # type: ignore[misc]
+        if not is_attached(self):  # type: ignore[arg-type]
+            self.apply_peft()
+        fix_optimizers(self, self.trainer.optimizers)  # type: ignore[attr-defined,arg-type]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        filter_checkpoint(self, checkpoint)  # type: ignore[arg-type]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        prepare_checkpoint_load(self, checkpoint)  # type: ignore[arg-type]

@@ -1,0 +1,177 @@
+"""Which modules a method attaches to.
+
+``target_modules`` accepts:
+
+* a list of names, each matching a module whose full dotted name equals it or ends with ``"." + name``
+  (``"query"`` matches ``bert.encoder.layer.0.attention.self.query``; ``"output.dense"`` matches both
+  ``attention.output.dense`` and ``layer.0.output.dense``);
+* list entries that look like regular expressions (they contain one of ``*+?[](){}|^$\\``) are matched
+  against the full dotted name with ``re.fullmatch``;
+* a single string, which is a regular expression matched with ``re.fullmatch`` (as in HF PEFT);
+* ``"all-linear"``: every ``nn.Linear`` and GPT-2 ``Conv1D`` except the output head.
+
+``exclude_modules`` uses the same syntax and removes matches.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+ModuleTargets = list[str]
+ALL_LINEAR = "all-linear"
+_REGEX_CHARS = re.compile(r"[*+?\[\](){}|^$\\]")
+#: names used for output heads by transformers models; never targeted by "all-linear"
+HEAD_NAMES = (
+    "classifier",
+    "lm_head",
+    "score",
+    "qa_outputs",
+    "cls",
+    "pooler.dense",
+    "embed_out",
+    "output_layer",
+)
+
+
+def conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency, but keep plain-torch use working
+        return None
+    return Conv1D
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    conv1d = conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight stored as (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    in_features, out_features = module.weight.shape
+    return int(in_features), int(out_features)
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    if _REGEX_CHARS.search(pattern):
+        return re.fullmatch(pattern, name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def matches_any(name: str, patterns: Sequence[str] | str | None) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name_matches(name, p) for p in patterns)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Module names of the model's output head(s)."""
+    heads = {name for name, _ in model.named_modules() if name and matches_any(name, list(HEAD_NAMES))}
+    # a head is excluded together with everything below it (e.g. classifier.dense, classifier.out_proj)
+    names = {name for name, _ in model.named_modules()}
+    for name, module in model.named_modules():
+        get_out = getattr(module, "get_output_embeddings", None)
+        if callable(get_out):
+            try:
+                out = get_out()
+            except Exception:  # noqa: BLE001 - some models raise NotImplementedError here
+                out = None
+            if out is not None:
+                heads |= {n for n, m in model.named_modules() if m is out}
+    return {n for n in names if any(n == h or n.startswith(h + ".") for h in heads)}
+
+
+def candidate_names(
+    model: nn.Module, predicate: Callable[[nn.Module], bool] = is_linear_like, limit: int = 20
+) -> list[str]:
+    """Distinct short names of layers a user could target, for error messages."""
+    seen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not predicate(module):
+            continue
+        parts = [p for p in name.split(".") if not p.isdigit()]
+        short = ".".join(parts[-2:]) if len(parts) > 1 else parts[-1]
+        if short not in seen:
+            seen.append(short)
+        if len(seen) >= limit:
+            break
+    return seen
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: Sequence[str] | str,
+    exclude_modules: Sequence[str] | str | None = None,
+    *,
+    supported: Callable[[nn.Module], bool] = is_linear_like,
+    supported_desc: str = "nn.Linear or transformers Conv1D",
+    method: str = "this method",
+    skip: Callable[[str, nn.Module], bool] | None = None,
+) -> ModuleTargets:
+    """Names of the modules matched by ``target_modules`` minus ``exclude_modules``.
+
+    Raises ``ValueError`` when nothing matches (listing candidates) and ``TypeError`` when a matched
+    module has a type the method cannot wrap.
+    """
+    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
+        heads = output_head_names(model)
+        names = [n for n, m in model.named_modules() if n and is_linear_like(m) and n not in heads]
+    else:
+        names = [n for n, _ in model.named_modules() if n and matches_any(n, target_modules)]
+    names = [n for n in names if not matches_any(n, exclude_modules)]
+    if skip is not None:
+        modules = dict(model.named_modules())
+        names = [n for n in names if not skip(n, modules[n])]
+    if not names:
+        raise ValueError(
+            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched no module of "
+            f"{type(model).__name__} for {method}. Candidate layer names: {candidate_names(model, supported)}"
+        )
+    modules = dict(model.named_modules())
+    # a pattern may match containers too (e.g. "attention" matches the block); keep the supported leaves
+    # when the user gave a list of names, but reject a matched module whose type is plainly wrong
+    bad = [n for n in names if not supported(modules[n])]
+    if bad:
+        example = bad[0]
+        raise TypeError(
+            f"target_modules={target_modules!r} matched {example!r} of type {type(modules[example]).__name__}, "
+            f"but {method} supports only {supported_desc}. Candidate layer names: "
+            f"{candidate_names(model, supported)}"
+        )
+    return names
+
+
+def resolve_modules(model: nn.Module, patterns: Sequence[str], argument: str) -> list[str]:
+    """Module names for ``modules_to_save``-style lists (exact name or dotted suffix); error when one is missing."""
+    names: list[str] = []
+    all_names = [n for n, _ in model.named_modules() if n]
+    for pattern in patterns:
+        found = [n for n in all_names if name_matches(n, pattern)]
+        if not found:
+            raise ValueError(
+                f"{argument} entry {pattern!r} matched no module of {type(model).__name__}. "
+                f"Top-level modules: {[n for n in all_names if '.' not in n][:20]}"
+            )
+        # keep only outermost matches so that a head is counted once
+        for n in found:
+            if not any(n.startswith(o + ".") for o in found if o != n) and n not in names:
+                names.append(n)
+    return names
+
+
+def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, child
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, child = get_parent(model, name)
+    setattr(parent, child, new)
