@@ -213,7 +213,7 @@ def _set_merged(model: nn.Module, merge: bool) -> None:
             "(and BitFit, which changes the base biases in place) can"
         )
     changed = 0
-    for name, layer in layers:
+    for _name, layer in layers:
         if layer.merged == merge:
             continue
         layer.merge() if merge else layer.unmerge()

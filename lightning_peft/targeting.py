@@ -76,7 +76,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     heads = {name for name, _ in model.named_modules() if name and matches_any(name, list(HEAD_NAMES))}
     # a head is excluded together with everything below it (e.g. classifier.dense, classifier.out_proj)
     names = {name for name, _ in model.named_modules()}
-    for name, module in model.named_modules():
+    for _name, module in model.named_modules():
         get_out = getattr(module, "get_output_embeddings", None)
         if callable(get_out):
             try:
