@@ -1,0 +1,102 @@
+"""PEFTMixin: the same behaviour configured on the LightningModule."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import HFModule, fast_trainer, hf_loader, model_output, snapshot, tiny_batch, tiny_bert
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_peft import LoRA, PEFTMixin, trainable_parameter_names
+from lightning_peft.model import peft_layers
+
+
+class LoRAClassifier(PEFTMixin, HFModule):
+    def __init__(self, r: int = 4, lr: float = 1e-2) -> None:
+        super().__init__("bert", lr=lr)
+        self.save_hyperparameters()
+        self.peft_method = LoRA(r=r, target_modules=["query", "value"], modules_to_save=["classifier"])
+
+
+def test_mixin_trains_only_the_adapter(tmp_path: Path) -> None:
+    module = LoRAClassifier()
+    before = snapshot(module)
+    trainer = fast_trainer(tmp_path, max_steps=3)
+    trainer.fit(module, hf_loader("bert"))
+    after = module.state_dict()
+    changed = {k for k in after if k in before and not torch.equal(before[k], after[k])}
+    assert changed == {"model.classifier.weight", "model.classifier.bias"}
+    held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert held == {id(p) for p in module.parameters() if p.requires_grad}
+    trainer.validate(module, hf_loader("bert", n=4))
+    assert len(list(peft_layers(module))) == 4
+
+
+def test_load_from_checkpoint_works_on_adapter_only_file(tmp_path: Path) -> None:
+    module = LoRAClassifier()
+    checkpoint_cb = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    trainer = fast_trainer(tmp_path, max_steps=4, callbacks=[checkpoint_cb], enable_checkpointing=True)
+    trainer.fit(module, hf_loader("bert"))
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert list(checkpoint["state_dict"]) == trainable_parameter_names(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "missing keys" warning: frozen weights come from __init__
+        loaded = LoRAClassifier.load_from_checkpoint(tmp_path / "last.ckpt")
+    loaded.eval()
+    module.eval()
+    batch = tiny_batch("bert")
+    torch.testing.assert_close(
+        model_output(loaded.model, batch), model_output(module.model, batch), atol=0, rtol=0
+    )
+
+
+class ConfiguredInConfigureModel(PEFTMixin, HFModule):
+    """Builds the network in configure_model and shards nothing: the mixin attaches right after it."""
+
+    def __init__(self) -> None:
+        super().__init__("bert")
+        del self.model
+        self.model: Any = None
+        self.peft_method = LoRA(r=2, target_modules=["query"])
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = tiny_bert().train()
+        super().configure_model()
+
+
+class ApplyBeforeSharding(PEFTMixin, HFModule):
+    """The FSDP2 pattern: attach explicitly inside configure_model, before fully_shard would run."""
+
+    def __init__(self) -> None:
+        super().__init__("bert")
+        self.peft_method = LoRA(r=2, target_modules=["value"])
+        self.attached_before_shard = False
+
+    def configure_model(self) -> None:
+        self.apply_peft()
+        self.attached_before_shard = len(list(peft_layers(self))) == 2
+        # fully_shard(self.model) would go here
+
+
+@pytest.mark.parametrize("cls", [ConfiguredInConfigureModel, ApplyBeforeSharding])
+def test_mixin_with_configure_model(tmp_path: Path, cls: type) -> None:
+    module = cls()
+    trainer = fast_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, hf_loader("bert"))
+    assert len(list(peft_layers(module))) == 2
+    assert all(torch.count_nonzero(layer.lora_B) > 0 for _, layer in peft_layers(module))
+    if cls is ApplyBeforeSharding:
+        assert module.attached_before_shard
+
+
+def test_mixin_without_method_explains() -> None:
+    class Bare(PEFTMixin, HFModule):
+        pass
+
+    with pytest.raises(ValueError, match="set self.peft_method"):
+        Bare().apply_peft()
