@@ -19,6 +19,8 @@ METHODS_ATTR = "_lightning_peft_methods"
 TRAIN_ATTR = "_lightning_peft_train"
 #: attribute on a module listed in ``modules_to_save``: train and save all of its parameters
 SAVE_ATTR = "_lightning_peft_save"
+#: attribute on the root module: requires_grad of every parameter before attaching, for remove_peft
+FLAGS_ATTR = "_lightning_peft_flags"
 
 
 @dataclass(frozen=True)
@@ -138,25 +140,33 @@ def apply_peft(model: nn.Module, methods: PEFTMethod | Sequence[PEFTMethod]) -> 
         for name in save:
             model.get_submodule(name).__dict__[SAVE_ATTR] = True
         model.__dict__[METHODS_ATTR] = method_list
+        model.__dict__[FLAGS_ATTR] = flags
         refresh_requires_grad(model)
     except BaseException:
         # plan() should have caught every problem; if inject still fails, leave the model as it was
+        model.__dict__[FLAGS_ATTR] = flags
         remove_peft(model)
-        for name, p in model.named_parameters(remove_duplicate=False):
-            p.requires_grad_(flags.get(name, p.requires_grad))
         raise
     return count_parameters(model)
 
 
 def remove_peft(model: nn.Module) -> nn.Module:
-    """Take every adapter out without merging: the base model as it was before :func:`apply_peft`."""
+    """Take every adapter out without merging: the base model as it was before :func:`apply_peft`,
+    with the parameters' original ``requires_grad`` flags (BitFit/modules_to_save changes stay)."""
     for name, layer in sorted(peft_layers(model), key=lambda item: -item[0].count(".")):
         if layer.merged:
             with torch.no_grad():
                 layer.unmerge()
         replace_module(model, name, layer.unload())
+    _restore_flags(model)
     _clear_marks(model)
     return model
+
+
+def _restore_flags(model: nn.Module) -> None:
+    flags = model.__dict__.pop(FLAGS_ATTR, {})
+    for name, param in model.named_parameters(remove_duplicate=False):
+        param.requires_grad_(flags.get(name, param.requires_grad))
 
 
 def _clear_marks(model: nn.Module) -> None:
@@ -164,6 +174,7 @@ def _clear_marks(model: nn.Module) -> None:
         module.__dict__.pop(TRAIN_ATTR, None)
         module.__dict__.pop(SAVE_ATTR, None)
     model.__dict__.pop(METHODS_ATTR, None)
+    model.__dict__.pop(FLAGS_ATTR, None)
 
 
 def refresh_requires_grad(model: nn.Module) -> None:
@@ -210,7 +221,8 @@ def _set_merged(model: nn.Module, merge: bool) -> None:
     if blocked:
         raise TypeError(
             f"{' and '.join(blocked)} cannot be merged into the base weights; only LoRA, DoRA and IA3 layers "
-            "(and BitFit, which changes the base biases in place) can"
+            "(and BitFit, which changes the base biases in place) can. Keep the adapter attached for inference, "
+            "or call remove_peft(model) to take it out without merging"
         )
     changed = 0
     for _name, layer in layers:
@@ -244,5 +256,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     # innermost first, so that nested replacements see their parents intact
     for name, layer in sorted(layers, key=lambda item: -item[0].count(".")):
         replace_module(model, name, layer.unload())
+    _restore_flags(model)
     _clear_marks(model)
     return model

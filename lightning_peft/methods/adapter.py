@@ -1,20 +1,285 @@
-"""Placeholder: Adapter is being implemented."""
+"""Bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP",
+arXiv:1902.00751; Pfeiffer et al. 2021, "AdapterFusion: Non-Destructive Task Composition for Transfer
+Learning", arXiv:2005.00247).
+
+A small residual MLP is inserted on the output ``h`` (width d) of a frozen sub-layer projection:
+
+    adapter(h) = h + W_up · act(W_down · h + b_down) + b_up,      W_down: (m × d), W_up: (d × m), m ≪ d
+
+``W_up`` and ``b_up`` start at zero, so the model is unchanged at init. The adapter sits on the
+projection's output, i.e. before the sub-layer's dropout, residual add and LayerNorm.
+
+* ``placement="houlsby"``: after the attention output projection and after the feed-forward output
+  projection of every block, and the block's LayerNorms train too;
+* ``placement="pfeiffer"``: after the feed-forward output projection only.
+
+The activation makes the adapter nonlinear, so it cannot be folded into the base weights.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from lightning_peft.methods.base import PEFTMethod
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_peft.methods.base import (
+    PEFTLayer,
+    PEFTMethod,
+    _as_str_list,
+    check_choice,
+    check_positive_int,
+)
+from lightning_peft.methods.lora import model_type_of
 from lightning_peft.methods.registry import register_method
+from lightning_peft.targeting import (
+    ModuleTargets,
+    find_targets,
+    is_linear_like,
+    linear_dims,
+    replace_module,
+)
+
+PLACEMENTS = ("houlsby", "pfeiffer")
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+}
+DEFAULT_REDUCTION_FACTOR = 16
+
+_BERT_LIKE = (r"(.*\.)?attention\.output\.dense", r"(.*\.)?layer\.\d+\.output\.dense")
+_LLAMA_LIKE = ("self_attn.o_proj", "mlp.down_proj")
+#: (attention output projection, feed-forward output projection) per transformers ``model_type``. BERT's
+#: FFN output is ``layer.N.output.dense``; the plain suffix "output.dense" would also match
+#: ``attention.output.dense``, hence the regexes.
+DEFAULT_TARGETS: dict[str, tuple[str, str]] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "distilbert": (r"(.*\.)?attention\.out_lin", r"(.*\.)?ffn\.lin2"),
+    "gpt2": ("attn.c_proj", "mlp.c_proj"),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+}
+
+
+def output_features(module: nn.Module) -> int | None:
+    """Width of the last dimension of ``module``'s output, or ``None`` when it cannot be told."""
+    if is_linear_like(module):
+        return linear_dims(module)[1]
+    out_features = getattr(module, "out_features", None)
+    if isinstance(out_features, int) and not isinstance(out_features, bool) and out_features > 0:
+        return out_features  # e.g. quantised linear layers that keep nn.Linear's attributes
+    return None
+
+
+def is_adapter_target(module: nn.Module) -> bool:
+    return output_features(module) is not None
+
+
+def is_norm(module: nn.Module) -> bool:
+    if isinstance(module, nn.LayerNorm) or isinstance(module, getattr(nn, "RMSNorm", ())):
+        return True
+    # transformers' own norms (LlamaRMSNorm, T5LayerNorm, ...) are plain nn.Modules
+    return type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def block_of(name: str) -> str:
+    """The transformer block holding module ``name``: its deepest ancestor whose name ends in a layer index
+    (``bert.encoder.layer.3``); the module's parent when no ancestor is numbered."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i - 1].isdigit():
+            return ".".join(parts[:i])
+    return ".".join(parts[:-1])
+
+
+class BottleneckAdapterLayer(PEFTLayer):
+    """A frozen projection followed by a trainable residual bottleneck MLP (see the module docstring)."""
+
+    def __init__(self, base_layer: nn.Module, bottleneck_size: int, activation: str) -> None:
+        super().__init__()
+        features = output_features(base_layer)
+        if features is None:
+            raise TypeError(
+                f"BottleneckAdapterLayer needs a module whose output width is known (nn.Linear, Conv1D or one "
+                f"with out_features), got {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        self.features = features
+        self.bottleneck_size = bottleneck_size
+        self.activation_name = activation
+        weight = next(base_layer.parameters(), None)
+        factory: dict[str, Any] = {}
+        if weight is not None:
+            factory["device"] = weight.device
+            # quantised base weights: keep the adapter in the default float dtype
+            if weight.is_floating_point():
+                factory["dtype"] = weight.dtype
+        self.adapter_down = nn.Linear(features, bottleneck_size, **factory)
+        self.adapter_act = ACTIVATIONS[activation]()
+        self.adapter_up = nn.Linear(bottleneck_size, features, **factory)
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+
+    def adapter_delta(self, h: torch.Tensor) -> torch.Tensor:
+        """W_up · act(W_down · h + b_down) + b_up."""
+        # h: (..., d) -> (..., m) -> (..., d)
+        z = self.adapter_act(self.adapter_down(h.to(self.adapter_down.weight.dtype)))
+        return self.adapter_up(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base_layer(x)  # (..., d)
+        return h + self.adapter_delta(h).to(h.dtype)
+
+    def unload(self) -> nn.Module:
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, bottleneck_size={self.bottleneck_size}, activation={self.activation_name}"
 
 
 @register_method
 @dataclass
 class Adapter(PEFTMethod):
-    """Not implemented yet."""
+    """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021):
+    ``h ← h + W_up · act(W_down · h + b_down) + b_up`` on the output ``h`` of the target projections."""
 
     method_name: ClassVar[str] = "adapter"
+    mergeable: ClassVar[bool] = False
+    layer_class: ClassVar[type[BottleneckAdapterLayer]] = BottleneckAdapterLayer
 
-    def plan(self, model):  # type: ignore[no-untyped-def]
-        raise NotImplementedError("Adapter is not implemented yet")
+    placement: str = "pfeiffer"
+    """Where adapters go by default: "pfeiffer" (after each block's feed-forward output projection) or
+    "houlsby" (after the attention output projection and the feed-forward output projection, with the
+    block's LayerNorms trained too)."""
+    bottleneck_size: int | None = None
+    """Width m of the adapter's hidden layer. Give this or reduction_factor, not both."""
+    reduction_factor: int | None = None
+    """m = output width // reduction_factor (16 when neither this nor bottleneck_size is given)."""
+    activation: str = "relu"
+    """Nonlinearity between the down and up projections: relu, gelu, gelu_tanh, silu, swish, tanh, sigmoid
+    or leaky_relu."""
+    target_modules: list[str] | str | None = None
+    """Projections after which adapters go: names or dotted suffixes, regexes, or one regex string. None uses
+    the architecture's defaults for the placement (BERT attention.output.dense / layer.N.output.dense,
+    GPT-2 attn.c_proj / mlp.c_proj, Llama self_attn.o_proj / mlp.down_proj)."""
+    exclude_modules: list[str] | str | None = None
+    """Projections to leave alone even if target_modules matches them (same syntax)."""
+    train_layernorms: bool | None = None
+    """Also train the LayerNorms (RMSNorms) of every block that holds an adapter. None: True for "houlsby",
+    False for "pfeiffer"."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter, e.g. ["classifier"] for a new head."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self.placement, "placement", PLACEMENTS)
+        check_choice(self.activation, "activation", tuple(ACTIVATIONS))
+        if self.bottleneck_size is not None:
+            check_positive_int(self.bottleneck_size, "bottleneck_size")
+        if self.reduction_factor is not None:
+            check_positive_int(self.reduction_factor, "reduction_factor")
+        if self.bottleneck_size is not None and self.reduction_factor is not None:
+            raise ValueError(
+                f"give bottleneck_size or reduction_factor, not both; got bottleneck_size={self.bottleneck_size} "
+                f"and reduction_factor={self.reduction_factor}"
+            )
+        if self.train_layernorms is not None and not isinstance(self.train_layernorms, bool):
+            raise ValueError(f"train_layernorms must be True, False or None, got {self.train_layernorms!r}")
+        if self.target_modules is not None and not isinstance(self.target_modules, str):
+            self.target_modules = _as_str_list(self.target_modules, "target_modules")
+            if not self.target_modules:
+                raise ValueError("target_modules must name at least one module (or be None), got []")
+        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
+            self.exclude_modules = _as_str_list(self.exclude_modules, "exclude_modules")
+
+    # -- resolved settings ----------------------------------------------------------------------------------
+    @property
+    def layernorms_trained(self) -> bool:
+        return self.placement == "houlsby" if self.train_layernorms is None else self.train_layernorms
+
+    def bottleneck_for(self, features: int) -> int:
+        if self.bottleneck_size is not None:
+            return self.bottleneck_size
+        return features // (self.reduction_factor or DEFAULT_REDUCTION_FACTOR)
+
+    def resolved_targets(self, model: nn.Module) -> list[str] | str:
+        if self.target_modules is not None:
+            return self.target_modules
+        model_type = model_type_of(model)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"target_modules=None: Adapter has no default placement for model_type={model_type!r}; pass "
+                f"target_modules naming the projections after which adapters go (e.g. the attention output "
+                f"and feed-forward output layers). Known defaults: {sorted(DEFAULT_TARGETS)}"
+            )
+        attention_out, ffn_out = DEFAULT_TARGETS[model_type]
+        return [attention_out, ffn_out] if self.placement == "houlsby" else [ffn_out]
+
+    # -- the interface --------------------------------------------------------------------------------------
+    def plan(self, model: nn.Module) -> ModuleTargets:
+        targets = find_targets(
+            model,
+            self.resolved_targets(model),
+            self.exclude_modules,
+            supported=is_adapter_target,
+            supported_desc="nn.Linear, transformers Conv1D or a Linear-like module with an integer out_features",
+            method=type(self).__name__,
+        )
+        for name in targets:
+            features = output_features(model.get_submodule(name))
+            assert features is not None  # guaranteed by find_targets(supported=is_adapter_target)
+            if self.bottleneck_for(features) < 1:
+                raise ValueError(
+                    f"reduction_factor={self.reduction_factor or DEFAULT_REDUCTION_FACTOR} leaves no bottleneck "
+                    f"for {name!r}, whose output has {features} features; use a reduction_factor <= {features} "
+                    "or set bottleneck_size"
+                )
+        return targets
+
+    def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
+        from lightning_peft.model import mark_trainable
+
+        for name in targets:
+            base = model.get_submodule(name)
+            features = output_features(base)
+            assert features is not None
+            replace_module(
+                model, name, self.layer_class(base, self.bottleneck_for(features), self.activation)
+            )
+        if not self.layernorms_trained:
+            return
+        norms = layernorms_near(model, targets)
+        if not norms:
+            rank_zero_warn(
+                f"Adapter(train_layernorms=True): no LayerNorm/RMSNorm found in the blocks holding the adapters "
+                f"({sorted({block_of(t) for t in targets})[:4]}); only the adapters train"
+            )
+        for norm in norms:
+            local = [n for n, _ in norm.named_parameters(recurse=False) if n in ("weight", "bias")]
+            if local:
+                mark_trainable(norm, *local)
+
+
+def layernorms_near(model: nn.Module, targets: ModuleTargets) -> list[nn.Module]:
+    """The LayerNorm/RMSNorm modules of the blocks that hold the ``targets``."""
+    blocks = {block_of(t) for t in targets}
+    found: list[nn.Module] = []
+    for name, module in model.named_modules():
+        if not is_norm(module) or any(module is f for f in found):
+            continue
+        if any(b == "" or name.startswith(b + ".") for b in blocks):
+            found.append(module)
+    return found
