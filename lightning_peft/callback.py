@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import types
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_peft.distributed import check_gradients, configure_strategy, prepare_training
 from lightning_peft.hooks import attach
 from lightning_peft.io import CHECKPOINT_KEY, filter_checkpoint, prepare_checkpoint_load
 from lightning_peft.methods import PEFTMethod
@@ -16,6 +17,7 @@ from lightning_peft.model import as_method_list, is_attached
 from lightning_peft.optim import fix_optimizers
 
 _PATCHED = "_lightning_peft_patched"
+_PENDING = "_lightning_peft_pending"
 
 
 class PEFTCallback(Callback):
@@ -42,6 +44,7 @@ class PEFTCallback(Callback):
 
     # -- attaching --------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        configure_strategy(trainer)
         self._install_checkpoint_hooks(pl_module)
         if is_attached(pl_module):
             attach(pl_module, self.methods, trainer)  # checks that the configuration is the same
@@ -64,31 +67,15 @@ class PEFTCallback(Callback):
 
     def _attach_after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning runs callbacks' setup before configure_model: layers built there do not exist yet
-        original: Callable[[], None] = pl_module.configure_model
-
-        def configure_model_then_attach() -> None:
-            original()
-            attach(pl_module, self.methods, trainer)
-
-        pl_module.configure_model = configure_model_then_attach  # type: ignore[method-assign]
+        pl_module.__dict__[_PENDING] = self.methods
+        # a bound method (not a callable object): Lightning's is_overridden inspects its __code__
+        pl_module.configure_model = types.MethodType(configure_model, pl_module)  # type: ignore[method-assign]
 
     def _install_checkpoint_hooks(self, pl_module: pl.LightningModule) -> None:
         if pl_module.__dict__.get(_PATCHED):
             return
-        save_hook = pl_module.on_save_checkpoint
-        load_hook = pl_module.on_load_checkpoint
-
-        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
-            save_hook(checkpoint)
-            filter_checkpoint(pl_module, checkpoint)
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            load_hook(checkpoint)
-            if CHECKPOINT_KEY in checkpoint:
-                prepare_checkpoint_load(pl_module, checkpoint)
-
-        pl_module.on_save_checkpoint = on_save_checkpoint  # type: ignore[method-assign]
-        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        pl_module.on_save_checkpoint = _SaveHook(pl_module)  # type: ignore[method-assign]
+        pl_module.on_load_checkpoint = _LoadHook(pl_module)  # type: ignore[method-assign]
         pl_module.__dict__[_PATCHED] = True
 
     # -- training ---------------------------------------------------------------------------------------
@@ -99,6 +86,10 @@ class PEFTCallback(Callback):
                 "configure_model, make sure configure_model creates the target layers"
             )
         fix_optimizers(pl_module, trainer.optimizers)
+        prepare_training(pl_module, trainer)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_gradients(pl_module, trainer)  # once per fit: adapter tensors that got no gradient
 
     # -- callback state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -114,3 +105,30 @@ class PEFTCallback(Callback):
 
     def __repr__(self) -> str:
         return f"PEFTCallback({', '.join(repr(m) for m in self.methods)})"
+
+
+# The hooks below are installed on the module instance. They are small objects rather than closures so
+# that the module still pickles (ddp_spawn) and deep-copies with the hooks pointing at the copy; they call
+# the class-level hook, so the user's own on_save_checkpoint/on_load_checkpoint/configure_model still run.
+class _InstanceHook:
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+
+
+class _SaveHook(_InstanceHook):
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        type(self.module).on_save_checkpoint(self.module, checkpoint)
+        filter_checkpoint(self.module, checkpoint)
+
+
+class _LoadHook(_InstanceHook):
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        type(self.module).on_load_checkpoint(self.module, checkpoint)
+        if CHECKPOINT_KEY in checkpoint:
+            prepare_checkpoint_load(self.module, checkpoint)
+
+
+def configure_model(self: pl.LightningModule) -> None:
+    """Installed on a module whose layers are built in ``configure_model``: build, then attach."""
+    type(self).configure_model(self)
+    attach(self, self.__dict__[_PENDING], self._trainer)

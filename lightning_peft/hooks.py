@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_peft.distributed import check_not_sharded
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.model import ParameterCount, apply_peft, attached_methods, count_parameters
 
@@ -32,6 +33,7 @@ def attach(
                 f"different configuration than {methods!r}; attaching twice is not allowed"
             )
         return None
+    check_not_sharded(module)
     counts = apply_peft(module, methods)
     if isinstance(module, pl.LightningModule):
         # the checkpoints we write omit the frozen weights; the module's own hook checks the adapter's

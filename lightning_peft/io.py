@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lightning_peft.distributed import clean_name, is_global_zero
 from lightning_peft.methods import PEFTLayer, PEFTMethod, method_from_dict
 from lightning_peft.methods.registry import _REGISTRY
 from lightning_peft.model import (
@@ -81,17 +83,18 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous()
 
 
-def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
+def adapter_config_dict(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(adapter_config.json, lightning-peft metadata). When HF PEFT has an equivalent configuration the JSON is
+    exactly PEFT's (so PEFT loads the folder without warnings) and our metadata goes into the safetensors
+    header; otherwise the JSON holds our metadata under ``"lightning_peft"``."""
     methods = attached_methods(model) or []
-    config: dict[str, Any] = {}
-    if len(methods) == 1:
-        config.update(methods[0].peft_config(model) or {})
-    config[CHECKPOINT_KEY] = {
+    meta = {
         "format_version": FORMAT_VERSION,
         "methods": [m.to_dict() for m in methods],
         "base_prefix": base_prefix(model),
     }
-    return config
+    peft_config = methods[0].peft_config(model) if len(methods) == 1 else None
+    return (peft_config if peft_config else {CHECKPOINT_KEY: meta}), meta
 
 
 def save_adapter(model: nn.Module, path: PathLike) -> Path:
@@ -104,8 +107,11 @@ def save_adapter(model: nn.Module, path: PathLike) -> Path:
     state = adapter_state_dict(model)
     mapping = file_key_map(model)
     tensors = {mapping[name]: _full(tensor) for name, tensor in state.items()}
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(adapter_config_dict(model), indent=2, sort_keys=True))
+    if not is_global_zero():
+        return folder  # every rank gathered (a collective under FSDP2); one writes
+    config, meta = adapter_config_dict(model)
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", CHECKPOINT_KEY: json.dumps(meta)})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     return folder
 
 
@@ -117,6 +123,12 @@ def read_adapter_config(path: PathLike) -> list[PEFTMethod]:
     config = json.loads(config_file.read_text())
     if CHECKPOINT_KEY in config:
         return [method_from_dict(d) for d in config[CHECKPOINT_KEY]["methods"]]
+    weights_file = Path(path) / ADAPTER_WEIGHTS
+    if weights_file.is_file():
+        with safe_open(str(weights_file), "pt") as f:
+            meta = (f.metadata() or {}).get(CHECKPOINT_KEY)
+        if meta:
+            return [method_from_dict(d) for d in json.loads(meta)["methods"]]
     for cls in _REGISTRY.values():
         method = cls.from_peft_config(config)
         if method is not None:
@@ -140,7 +152,6 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         raise FileNotFoundError(f"path={str(path)!r} holds no {ADAPTER_WEIGHTS}")
     tensors = load_file(str(weights_file))
     attached_here = not is_attached(model)
-    flags = [p.requires_grad for p in model.parameters()]
     if attached_here:
         apply_peft(model, methods)
     try:
@@ -159,9 +170,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         check_adapter_state(model, state, str(weights_file))
     except Exception:
         if attached_here:
-            remove_peft(model)
-            for param, flag in zip(model.parameters(), flags):
-                param.requires_grad_(flag)
+            remove_peft(model)  # also restores the requires_grad flags
         raise
     load_adapter_state(model, state, str(weights_file))
     return model
@@ -172,7 +181,8 @@ def filter_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Keep only the adapter's tensors in ``checkpoint["state_dict"]`` and record the configuration."""
     if not is_attached(module) or "state_dict" not in checkpoint:
         return
-    keep = set(trainable_parameter_names(module))
+    # FSDP1/activation-checkpoint wrappers add infixes to parameter names that state_dict keys do not have
+    keep = {clean_name(n) for n in trainable_parameter_names(module)}
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
     checkpoint[CHECKPOINT_KEY] = {
         "format_version": FORMAT_VERSION,
@@ -189,8 +199,9 @@ def prepare_checkpoint_load(module: nn.Module, checkpoint: dict[str, Any]) -> No
     """Called from ``on_load_checkpoint``: attach the adapter if needed, check the checkpoint's adapter
     tensors, and fill the frozen weights it omits from the module itself so that loading can be strict."""
     methods = checkpoint_methods(checkpoint)
-    if methods is None:
-        return  # a full checkpoint: loads as usual
+    if methods is None or "state_dict" not in checkpoint:
+        # a full checkpoint loads as usual; FSDP/ModelParallel strategies load (and pop) the weights themselves
+        return
     if not is_attached(module):
         apply_peft(module, methods)
     state = checkpoint["state_dict"]

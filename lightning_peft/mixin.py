@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_peft.distributed import check_gradients, configure_strategy, prepare_training
 from lightning_peft.hooks import attach
 from lightning_peft.io import filter_checkpoint, prepare_checkpoint_load
 from lightning_peft.methods import PEFTMethod
@@ -51,6 +52,7 @@ class PEFTMixin:
 
     def setup(self, stage: str) -> None:
         super().setup(stage)  # type: ignore[misc]
+        configure_strategy(getattr(self, "_trainer", None))
         if not is_attached(self) and self._targets_exist():  # type: ignore[arg-type]
             self.apply_peft()
 
@@ -64,6 +66,11 @@ class PEFTMixin:
         if not is_attached(self):  # type: ignore[arg-type]
             self.apply_peft()
         fix_optimizers(self, self.trainer.optimizers)  # type: ignore[attr-defined,arg-type]
+        prepare_training(self, self.trainer)  # type: ignore[attr-defined,arg-type]
+
+    def on_after_backward(self) -> None:
+        super().on_after_backward()  # type: ignore[misc]
+        check_gradients(self, self.trainer)  # type: ignore[attr-defined,arg-type]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]

@@ -25,6 +25,9 @@ from torch import nn
 
 from lightning_peft.targeting import ModuleTargets
 
+#: a merge factor this close to zero cannot be divided out exactly; layers then keep a copy of the base weight
+EXACT_UNMERGE_EPS = 1e-4
+
 
 class PEFTLayer(nn.Module):
     """Base class for every module a PEFT method inserts into a model."""

@@ -12,7 +12,6 @@ Merging adds ``s · B A`` to ``W``; inference then costs exactly what the base m
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,6 +28,7 @@ from lightning_peft.methods.base import (
     check_positive_int,
     check_probability,
 )
+from lightning_peft.methods.peft_interop import lora_kwargs_from_peft_config, lora_peft_config
 from lightning_peft.methods.registry import register_method
 from lightning_peft.targeting import (
     ModuleTargets,
@@ -139,32 +139,6 @@ class LoRALinear(PEFTLayer):
         return f"r={self.r}, scaling={self.scaling:g}"
 
 
-def peft_target_modules(model: nn.Module, targets: list[str]) -> list[str] | str:
-    """HF PEFT's ``target_modules`` for exactly ``targets``: short suffixes when they select the same layers,
-    otherwise a regular expression over the names relative to the transformers model."""
-    from lightning_peft.io import base_prefix
-
-    short = sorted({name.rsplit(".", 1)[-1] for name in targets})
-    same = {
-        n
-        for n, m in model.named_modules()
-        if n.rsplit(".", 1)[-1] in short and (is_lora_target(m) or isinstance(m, LoRALinear))
-    }
-    if same == set(targets):
-        return short
-    prefix = base_prefix(model)
-    relative = sorted(n[len(prefix) :] if n.startswith(prefix) else n for n in targets)
-    return "(" + "|".join(re.escape(n) for n in relative) + ")"
-
-
-def _base_model_name(model: nn.Module) -> str | None:
-    for module in model.modules():
-        name = getattr(getattr(module, "config", None), "_name_or_path", None)
-        if isinstance(name, str) and name:
-            return name
-    return None
-
-
 def is_lora_target(module: nn.Module) -> bool:
     conv1d = conv1d_type()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
@@ -178,6 +152,8 @@ class LoRA(PEFTMethod):
     method_name: ClassVar[str] = "lora"
     mergeable: ClassVar[bool] = True
     layer_class: ClassVar[type[LoRALinear]] = LoRALinear
+    #: written to adapter_config.json as HF PEFT's use_dora
+    peft_use_dora: ClassVar[bool] = False
 
     r: int = 8
     """Rank of the update B A (a positive integer)."""
@@ -223,43 +199,13 @@ class LoRA(PEFTMethod):
         )
 
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
-        # called on the model with the adapter attached: the targets are the layers of this method's type
-        targets = [n for n, m in model.named_modules() if type(m) is self.layer_class]
-        conv1d = conv1d_type()
-        return {
-            "peft_type": "LORA",
-            "task_type": None,
-            "r": self.r,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
-            "target_modules": peft_target_modules(model, targets),
-            "exclude_modules": self.exclude_modules,
-            "modules_to_save": self.modules_to_save or None,
-            "bias": self.bias,
-            "use_rslora": self.use_rslora,
-            "use_dora": self.method_name == "dora",
-            "fan_in_fan_out": conv1d is not None
-            and isinstance(model.get_submodule(targets[0]).base_layer, conv1d),
-            "init_lora_weights": True,
-            "inference_mode": True,
-            "base_model_name_or_path": _base_model_name(model),
-        }
+        return lora_peft_config(self, model, use_dora=self.peft_use_dora)
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> PEFTMethod | None:
-        if config.get("peft_type") != "LORA" or bool(config.get("use_dora")) != (cls.method_name == "dora"):
+        if config.get("peft_type") != "LORA" or bool(config.get("use_dora", False)) != cls.peft_use_dora:
             return None
-        targets = config.get("target_modules")
-        return cls(
-            r=int(config["r"]),
-            alpha=float(config.get("lora_alpha", 8)),
-            dropout=float(config.get("lora_dropout", 0.0)),
-            target_modules=targets if isinstance(targets, str) else list(targets or []) or None,
-            exclude_modules=config.get("exclude_modules"),
-            modules_to_save=list(config.get("modules_to_save") or []),
-            bias=config.get("bias", "none"),
-            use_rslora=bool(config.get("use_rslora", False)),
-        )
+        return cls(**lora_kwargs_from_peft_config(config))
 
     def make_layer(self, base: nn.Module) -> LoRALinear:
         return self.layer_class(base, self.r, self.alpha, self.dropout, self.use_rslora)

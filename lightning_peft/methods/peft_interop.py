@@ -1,0 +1,176 @@
+"""HF PEFT ``adapter_config.json`` interop shared by the LoRA family and IA3: our configurations written as
+PEFT's (so ``PeftModel.from_pretrained`` loads our folders) and PEFT's read as ours."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from lightning_peft.methods.base import PEFTLayer
+from lightning_peft.targeting import _REGEX_CHARS
+
+if TYPE_CHECKING:
+    from lightning_peft.methods.lora import LoRA
+
+#: transformers class-name suffix -> HF PEFT task_type (decides which PeftModel subclass loads the adapter)
+TASK_TYPES = {
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
+#: heads HF PEFT adds to modules_to_save for a task_type; loading fails if the file lacks an existing one
+TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+#: HF PEFT LoRA options lightning-peft does not implement, with the value that means "off"
+UNSUPPORTED_LORA_OPTIONS: dict[str, Any] = {
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "layer_replication": None,
+}
+
+
+def _transformers_root(model: nn.Module) -> tuple[nn.Module, str]:
+    from lightning_peft.io import base_prefix
+
+    prefix = base_prefix(model)
+    return (model.get_submodule(prefix[:-1]) if prefix else model), prefix
+
+
+def _relative(name: str, prefix: str) -> str | None:
+    """``name`` relative to the transformers model, or ``None`` when it lies outside it."""
+    if not prefix:
+        return name
+    return name[len(prefix) :] if name.startswith(prefix) else None
+
+
+def _peft_list_match(name: str, patterns: Sequence[str]) -> bool:
+    # HF PEFT's rule for a list of names: exact match or dotted suffix
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _is_plain_list(value: Any) -> bool:
+    return isinstance(value, list) and not any(_REGEX_CHARS.search(p) for p in value)
+
+
+def peft_module_list(
+    model: nn.Module,
+    wrapped: list[str],
+    patterns: list[str] | str | None,
+    exclude: list[str] | str | None = None,
+) -> tuple[list[str], list[str] | None]:
+    """``target_modules``/``exclude_modules`` for adapter_config.json that make HF PEFT wrap exactly ``wrapped``
+    (module names in ``model``).
+
+    The user's lists are kept when PEFT's matching rule selects the same modules; otherwise (regexes,
+    ``"all-linear"``, default patterns, names relative to a LightningModule) the explicit module paths are
+    written, which PEFT matches exactly.
+    """
+    root, prefix = _transformers_root(model)
+    rel = sorted(r for r in (_relative(n, prefix) for n in wrapped) if r is not None)
+    if _is_plain_list(patterns) and (exclude is None or _is_plain_list(exclude)):
+        layers = {n for n, m in root.named_modules() if isinstance(m, PEFTLayer)}
+        # names of the model as PEFT would see it before wrapping: nothing below an adapter layer
+        names = [n for n, _ in root.named_modules() if n and not any(n.startswith(p + ".") for p in layers)]
+        chosen = [
+            n for n in names if _peft_list_match(n, patterns) and not _peft_list_match(n, exclude or [])
+        ]
+        if sorted(chosen) == rel:
+            return list(patterns), (list(exclude) if exclude is not None else None)
+    return rel, None
+
+
+def peft_common_config(model: nn.Module, peft_type: str) -> dict[str, Any]:
+    """Fields every HF PEFT adapter_config.json carries: type, task, base model, modules_to_save."""
+    from lightning_peft.model import SAVE_ATTR
+
+    root, prefix = _transformers_root(model)
+    class_name = type(root).__name__
+    task_type = next((t for suffix, t in TASK_TYPES.items() if class_name.endswith(suffix)), None)
+    saved = [_relative(n, prefix) for n, m in model.named_modules() if m.__dict__.get(SAVE_ATTR, False)]
+    heads = [
+        n for n, _ in root.named_modules() if n.rpartition(".")[2] in TASK_HEADS.get(task_type or "", ())
+    ]
+    if any(h not in saved for h in heads):
+        # an untrained head is not in the file; without a task_type PEFT keeps the base model's head
+        task_type = None
+    name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": peft_type,
+        "task_type": task_type,
+        "base_model_name_or_path": name_or_path,
+        "inference_mode": True,
+        "modules_to_save": sorted(s for s in saved if s) or None,
+    }
+
+
+def has_conv1d_layers(model: nn.Module, layer_type: type[nn.Module]) -> bool:
+    return any(isinstance(m, layer_type) and getattr(m, "fan_in_fan_out", False) for m in model.modules())
+
+
+def lora_peft_config(method: LoRA, model: nn.Module, use_dora: bool) -> dict[str, Any]:
+    """HF PEFT ``LoraConfig`` fields equivalent to ``method`` (a :class:`LoRA` or :class:`DoRA`) on ``model``."""
+    wrapped = [n for n, m in model.named_modules() if type(m) is method.layer_class]
+    targets, exclude = peft_module_list(
+        model, wrapped, method.resolved_targets(model), method.exclude_modules
+    )
+    return {
+        **peft_common_config(model, "LORA"),
+        "r": method.r,
+        "lora_alpha": method.alpha,
+        "lora_dropout": method.dropout,
+        "target_modules": targets,
+        "exclude_modules": exclude,
+        "bias": method.bias,
+        "use_rslora": method.use_rslora,
+        "use_dora": use_dora,
+        "fan_in_fan_out": has_conv1d_layers(model, method.layer_class),
+        "init_lora_weights": True,
+    }
+
+
+def modules_to_save_from_peft(value: Any) -> list[str]:
+    """PEFT's ``modules_to_save`` as ours. PEFT adds ``["classifier", "score"]`` for SEQ_CLS whatever exists in
+    the model, so several names become one regex matching any of them (a missing one is then no error)."""
+    names = [] if value is None else ([value] if isinstance(value, str) else list(value))
+    if len(names) <= 1:
+        return names
+    return [r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in names) + ")"]
+
+
+def check_supported_peft_options(config: dict[str, Any], options: dict[str, Any]) -> None:
+    for key, off in options.items():
+        value = config.get(key, off)
+        if value is not None and value != off:
+            raise ValueError(
+                f"adapter_config.json: {config.get('peft_type')} option {key}={value!r} is not supported by "
+                f"lightning-peft (only {key}={off!r})"
+            )
+
+
+def lora_kwargs_from_peft_config(config: dict[str, Any]) -> dict[str, Any]:
+    """:class:`LoRA`/:class:`DoRA` keyword arguments from an HF PEFT LoRA ``adapter_config.json``."""
+    check_supported_peft_options(config, UNSUPPORTED_LORA_OPTIONS)
+    return {
+        "r": config.get("r", 8),
+        "alpha": float(config.get("lora_alpha", 8)),
+        "dropout": float(config.get("lora_dropout", 0.0)),
+        "target_modules": config.get("target_modules"),
+        "exclude_modules": config.get("exclude_modules"),
+        "modules_to_save": modules_to_save_from_peft(config.get("modules_to_save")),
+        "bias": config.get("bias", "none"),
+        "use_rslora": bool(config.get("use_rslora", False)),
+    }
