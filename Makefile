@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/ruff check lightning_peft tests examples benchmarks
 	$(BIN)/ruff format --check lightning_peft tests examples benchmarks
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider
-	@if [ -f mkdocs.yml ]; then $(BIN)/mkdocs build --strict -q -d /tmp/lightning-peft-site; fi
+	@if [ -f mkdocs.yml ]; then $(BIN)/mkdocs build --strict -d /tmp/lightning-peft-site; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check lightning_peft tests examples benchmarks

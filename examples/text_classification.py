@@ -175,6 +175,8 @@ class SequenceClassifier(pl.LightningModule):
     Args:
         model_name_or_path: a local path or hub name (``"minilm"`` = the packaged all-MiniLM-L6-v2).
         num_labels: number of classes.
+        labels: class names in index order (e.g. ``[negative, positive]``); stored as the model config's
+            ``id2label``, so predictions and ``lightning-peft classify`` print names instead of indices.
         lr: learning rate of the default AdamW optimizer (ignored when the CLI's ``--optimizer`` is used).
         weight_decay: AdamW weight decay.
         warmup_ratio: linear warm-up over this fraction of the training steps, then linear decay (0 = constant).
@@ -187,14 +189,22 @@ class SequenceClassifier(pl.LightningModule):
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.0,
+        labels: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         from transformers import AutoModelForSequenceClassification
 
+        names: dict[str, Any] = {}
+        if labels is not None:
+            if len(labels) != num_labels:
+                raise ValueError(f"labels must name num_labels={num_labels} classes, got {labels!r}")
+            names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(model_name_or_path), num_labels=num_labels
+            resolve_model_path(model_name_or_path), num_labels=num_labels, **names
         )
+        # from_pretrained returns eval mode; Lightning keeps modules' modes, so switch dropout on for training
+        self.model.train()
         metric_args: dict[str, Any] = {}
         if num_labels == 2:
             self.val_acc, self.val_f1 = BinaryAccuracy(), BinaryF1Score()

@@ -32,6 +32,8 @@ def attach(
                 f"{type(module).__name__} already has {[type(m).__name__ for m in current]} attached with a "
                 f"different configuration than {methods!r}; attaching twice is not allowed"
             )
+        if isinstance(module, pl.LightningModule):
+            module.strict_loading = False  # attached by the user (e.g. in configure_model): same rule
         return None
     check_not_sharded(module)
     counts = apply_peft(module, methods)

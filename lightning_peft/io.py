@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft.distributed import clean_name, is_global_zero
+from lightning_peft.distributed import check_saveable, is_global_zero
 from lightning_peft.methods import PEFTLayer, PEFTMethod, method_from_dict
 from lightning_peft.methods.registry import _REGISTRY
 from lightning_peft.model import (
@@ -26,7 +26,9 @@ from lightning_peft.model import (
     check_adapter_state,
     is_attached,
     load_adapter_state,
+    peft_layers,
     remove_peft,
+    state_dict_key,
     trainable_parameter_names,
 )
 
@@ -55,18 +57,20 @@ def base_prefix(model: nn.Module) -> str:
 
 def file_key_map(model: nn.Module) -> dict[str, str]:
     """Adapter tensor name in ``model`` → key in ``adapter_model.safetensors`` (HF PEFT naming)."""
-    prefix = base_prefix(model)
+    prefix = state_dict_key(base_prefix(model))
     layers = {name: module for name, module in model.named_modules() if isinstance(module, PEFTLayer)}
     mapping: dict[str, str] = {}
     for name in trainable_parameter_names(model):
-        rel = name[len(prefix) :] if prefix and name.startswith(prefix) else name
+        key = state_dict_key(name)  # the names files and adapter_state_dict use: no wrapper infixes
+        rel = key[len(prefix) :] if prefix and key.startswith(prefix) else key
         owner = next((p for p in _prefixes(name) if p in layers), None)
         if owner is None:
-            mapping[name] = f"base_model.model.{rel}"
+            mapping[key] = f"base_model.model.{rel}"
             continue
         local = name[len(owner) + 1 :]
-        path = owner[len(prefix) :] if prefix and owner.startswith(prefix) else owner
-        mapping[name] = layers[owner].peft_key(path, local)
+        clean_owner = state_dict_key(owner + ".")[:-1]
+        path = clean_owner[len(prefix) :] if prefix and clean_owner.startswith(prefix) else clean_owner
+        mapping[key] = layers[owner].peft_key(path, local)
     return mapping
 
 
@@ -87,7 +91,7 @@ def adapter_config_dict(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any
     """(adapter_config.json, lightning-peft metadata). When HF PEFT has an equivalent configuration the JSON is
     exactly PEFT's (so PEFT loads the folder without warnings) and our metadata goes into the safetensors
     header; otherwise the JSON holds our metadata under ``"lightning_peft"``."""
-    methods = attached_methods(model) or []
+    methods = [m.saved_config() for m in attached_methods(model) or []]
     meta = {
         "format_version": FORMAT_VERSION,
         "methods": [m.to_dict() for m in methods],
@@ -97,20 +101,41 @@ def adapter_config_dict(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any
     return (peft_config if peft_config else {CHECKPOINT_KEY: meta}), meta
 
 
+def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """File key -> tensor, as written to ``adapter_model.safetensors``."""
+    state = adapter_state_dict(model)
+    mapping = file_key_map(model)
+    prefix = base_prefix(model)
+    replaced: dict[str, torch.Tensor] = {}
+    for name, layer in peft_layers(model):
+        saved = layer.saved_tensors()
+        if saved is None:
+            continue
+        # e.g. folded prefixes stand in for the reparameterisation MLP that produced them
+        for local in layer.peft_parameter_names():
+            state.pop(f"{name}.{local}" if name else local, None)
+        path = name[len(prefix) :] if prefix and name.startswith(prefix) else name
+        replaced.update({layer.peft_key(path, local): tensor for local, tensor in saved.items()})
+    tensors = {mapping[name]: _full(tensor) for name, tensor in state.items()}
+    tensors.update({key: _full(tensor) for key, tensor in replaced.items()})
+    return tensors
+
+
 def save_adapter(model: nn.Module, path: PathLike) -> Path:
     """Write the adapter of ``model`` to the folder ``path``: ``adapter_model.safetensors`` holding only the
     adapter's tensors (and ``modules_to_save``), and ``adapter_config.json``. No pickle is involved."""
     if not is_attached(model):
         raise ValueError(f"save_adapter: no PEFT method is attached to this {type(model).__name__}")
+    check_saveable(model)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    state = adapter_state_dict(model)
-    mapping = file_key_map(model)
-    tensors = {mapping[name]: _full(tensor) for name, tensor in state.items()}
+    tensors = adapter_file_tensors(model)
     if not is_global_zero():
         return folder  # every rank gathered (a collective under FSDP2); one writes
     config, meta = adapter_config_dict(model)
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", CHECKPOINT_KEY: json.dumps(meta)})
+    save_file(
+        tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", CHECKPOINT_KEY: json.dumps(meta)}
+    )
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     return folder
 
@@ -182,8 +207,10 @@ def filter_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     if not is_attached(module) or "state_dict" not in checkpoint:
         return
     # FSDP1/activation-checkpoint wrappers add infixes to parameter names that state_dict keys do not have
-    keep = {clean_name(n) for n in trainable_parameter_names(module)}
-    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+    keep = {state_dict_key(n) for n in trainable_parameter_names(module)}
+    if not any(_is_dtensor(v) for v in checkpoint["state_dict"].values()):
+        # (a sharded ModelParallelStrategy checkpoint keeps every tensor: Lightning resumes those only whole)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
     checkpoint[CHECKPOINT_KEY] = {
         "format_version": FORMAT_VERSION,
         "methods": [m.to_dict() for m in attached_methods(module) or []],

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from lightning_peft.targeting import ModuleTargets
@@ -53,6 +54,12 @@ class PEFTLayer(nn.Module):
         local = self.peft_names.get(local_name, local_name)
         return f"base_model.model.{module_path}.{local}" if module_path else f"base_model.model.{local}"
 
+    def saved_tensors(self) -> dict[str, torch.Tensor] | None:
+        """Tensors (local name -> tensor) that ``save_adapter`` writes instead of this layer's own parameters,
+        or ``None`` (default) to write the parameters themselves. Used when the trained form differs from the
+        used form, e.g. prefix tuning's reparameterisation MLP, folded into plain prefixes."""
+        return None
+
     def merge(self) -> None:
         """Fold the adapter into the base layer's weights (only for mergeable layers)."""
         raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
@@ -69,7 +76,7 @@ class PEFTLayer(nn.Module):
         raise TypeError(f"{type(self).__name__} cannot be unloaded from the model")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PEFTMethod:
     """Base configuration shared by all PEFT methods."""
 
@@ -99,6 +106,11 @@ class PEFTMethod:
         raise NotImplementedError
 
     # -- serialisation -------------------------------------------------------------------------------
+    def saved_config(self) -> PEFTMethod:
+        """The configuration describing what ``save_adapter`` writes (default: this one); differs when a
+        layer's :meth:`PEFTLayer.saved_tensors` changes form (prefix tuning trained with a projection)."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method_name, **dataclasses.asdict(self)}
 

@@ -1,20 +1,268 @@
-"""Placeholder: PrefixTuning is being implemented."""
+"""Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation",
+arXiv:2101.00190).
+
+Every attention layer ``l`` of the frozen model gets ``P`` learned key and value vectors in front of its own:
+
+    K_l' = [K^p_l; K_l],   V_l' = [V^p_l; V_l],   head_i = softmax(Q_i K_l'^T / √d + M') V_l'
+
+with ``K^p_l, V^p_l ∈ R^{P×d_kv}`` (``d_kv`` = key/value heads × head size) and the mask ``M'`` letting every
+query see all ``P`` prefix positions. All prefixes live in one matrix ``Θ ∈ R^{P × L·2·d_kv}`` whose columns
+are ordered (layer, key/value, head, head dim), HF PEFT's ``prompt_embeddings`` layout. With
+``prefix_projection`` (the paper's reparameterisation for stable training) ``Θ = MLP(E)`` with ``E ∈ R^{P×h}``
+and ``MLP = Linear(h, encoder_hidden_size) → tanh → Linear(encoder_hidden_size, L·2·d_kv)``; after training
+only the folded ``Θ`` is needed (:meth:`PrefixLayer.saved_tensors`).
+
+The prefixes enter through the model's own key/value cache: the backbone receives a cache pre-filled with
+them, so the real tokens sit at positions ``P … P+S-1`` (the same offset as HF PEFT, and as BERT prefix
+tuning in P-Tuning v2), the attention mask gets ``P`` leading ones, and ``generate()`` keeps the prefix in
+its cache from the first step on. This works for encoders (BERT) as for decoders (GPT-2, Llama). HF gradient
+checkpointing drops the cache during training, which removes the prefix: that case raises an error.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from lightning_peft.methods.base import PEFTMethod
+import torch
+from torch import nn
+
+from lightning_peft.methods._virtual_tokens import (
+    VirtualTokenLayer,
+    cache_keyword,
+    find_backbone,
+    input_embedding_weight,
+    prepend_ones,
+    require_inputs,
+    task_type_of,
+)
+from lightning_peft.methods.base import PEFTMethod, check_positive_int
 from lightning_peft.methods.registry import register_method
+from lightning_peft.targeting import ModuleTargets, replace_module
+
+NO_CACHE = (
+    "the model did not use its key/value cache, which carries the prefix; HF gradient checkpointing drops the "
+    "cache during training, so disable it for prefix tuning (or use prompt tuning)"
+)
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """Shape of one attention layer's keys/values in a transformers model."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def kv_geometry(config: Any, method: str) -> KVGeometry:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    try:
+        layers = int(text.num_hidden_layers)
+        heads = int(text.num_attention_heads)
+        hidden = int(text.hidden_size)
+    except (AttributeError, TypeError) as error:
+        raise ValueError(
+            f"{method} needs num_hidden_layers, num_attention_heads and hidden_size in the model config: {error}"
+        ) from error
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return KVGeometry(layers, int(kv_heads), int(head_dim), hidden)
+
+
+class PrefixLayer(VirtualTokenLayer):
+    """A transformers backbone whose attention layers all see ``num_virtual_tokens`` learned keys/values."""
+
+    peft_names: ClassVar[dict[str, str]] = {"prompt_embeddings": "prompt_embeddings"}
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        num_virtual_tokens: int,
+        geometry: KVGeometry,
+        prefix_projection: bool,
+        encoder_hidden_size: int,
+        wraps_outer: bool,
+    ) -> None:
+        super().__init__(base_layer, num_virtual_tokens, wraps_outer)
+        self.geometry = geometry
+        self.prefix_projection = prefix_projection
+        weight = input_embedding_weight(base_layer, "PrefixTuning")
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        factory: dict[str, Any] = {"device": weight.device, "dtype": dtype}
+        width = geometry.layers * 2 * geometry.kv_dim
+        # N(0, 1) starts, like an nn.Embedding (HF PEFT's prefix encoder)
+        if prefix_projection:
+            self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, geometry.hidden_size, **factory))
+            self.transform = nn.Sequential(
+                nn.Linear(geometry.hidden_size, encoder_hidden_size, **factory),
+                nn.Tanh(),
+                nn.Linear(encoder_hidden_size, width, **factory),
+            )
+        else:
+            self.prompt_embeddings = nn.Parameter(torch.randn(num_virtual_tokens, width, **factory))
+
+    def prefix_matrix(self) -> torch.Tensor:
+        """Θ, shape (P, L·2·d_kv): the plain prefixes (through the MLP with ``prefix_projection``)."""
+        if self.prefix_projection:
+            return self.transform(self.embedding)
+        return self.prompt_embeddings
+
+    def saved_tensors(self) -> dict[str, torch.Tensor] | None:
+        """What HF PEFT writes for this layer: the folded prefixes, without the reparameterisation MLP."""
+        if not self.prefix_projection:
+            return None
+        with torch.no_grad():
+            return {"prompt_embeddings": self.prefix_matrix().detach().clone()}
+
+    def key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the prefix keys and values as (B, kv_heads, P, head_dim)."""
+        g, p = self.geometry, self.num_virtual_tokens
+        theta = self.prefix_matrix().to(dtype).view(p, g.layers, 2, g.kv_heads, g.head_dim)
+        theta = theta.permute(1, 2, 3, 0, 4)  # (L, 2, kv_heads, P, head_dim)
+        return [
+            (
+                theta[i, 0].unsqueeze(0).expand(batch, -1, -1, -1),
+                theta[i, 1].unsqueeze(0).expand(batch, -1, -1, -1),
+            )
+            for i in range(g.layers)
+        ]
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.base_layer.config)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training and getattr(self.base_layer, "gradient_checkpointing", False):
+            raise RuntimeError(NO_CACHE)
+        kwargs = self.bind(args, kwargs)
+        cache = self.pop_cache(kwargs)
+        p = self.num_virtual_tokens
+        batch, length, device = self.batch_and_length(kwargs)
+        # an empty cache (training, or the first step of generate) gets the prefix; a filled one has it
+        prefilled = self.cache_length(cache) == 0
+        if prefilled:
+            cache = self.new_cache() if cache is None else cache
+            # the model's compute dtype (it may have been cast after the prefix was created)
+            weight = self.base_layer.get_input_embeddings().weight
+            dtype = weight.dtype if weight.is_floating_point() else torch.float32
+            for layer, (keys, values) in enumerate(self.key_values(batch, dtype)):
+                cache.update(keys, values, layer)
+        past = self.cache_length(cache)  # P + real tokens seen before this call
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            # encoders size their mask from it, so make the all-ones mask explicit
+            mask = torch.ones(batch, past - p + length, dtype=torch.long, device=device)
+        kwargs["attention_mask"] = prepend_ones(mask, p)  # (B, P + past real + S)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + p
+        kwargs[self._cache_key] = cache
+        output = self.base_layer(**kwargs)
+        if prefilled and self.cache_length(cache) == p:
+            raise RuntimeError(f"{type(self.base_layer).__name__}: {NO_CACHE}")
+        return output
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (
+            f"num_virtual_tokens={self.num_virtual_tokens}, layers={g.layers}, kv_dim={g.kv_dim}, "
+            f"prefix_projection={self.prefix_projection}"
+        )
 
 
 @register_method
 @dataclass
 class PrefixTuning(PEFTMethod):
-    """Not implemented yet."""
+    """Prefix tuning (Li & Liang 2021): ``P`` learned keys and values before the real ones in every attention
+    layer, ``softmax(Q [K^p; K]^T / √d) [V^p; V]``, optionally reparameterised by an MLP. Not mergeable."""
 
     method_name: ClassVar[str] = "prefix"
 
-    def plan(self, model):  # type: ignore[no-untyped-def]
-        raise NotImplementedError("PrefixTuning is not implemented yet")
+    num_virtual_tokens: int = 20
+    """Number P of prefix positions in every attention layer (a positive integer)."""
+    prefix_projection: bool = False
+    """Train the prefixes through an MLP, Θ = MLP(E) (the paper's reparameterisation); the saved adapter holds
+    the folded Θ only."""
+    encoder_hidden_size: int = 512
+    """Hidden width of the reparameterisation MLP (used with prefix_projection)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter, e.g. ["classifier"] for a new head."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.num_virtual_tokens, "num_virtual_tokens")
+        check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"prefix_projection must be true or false, got {self.prefix_projection!r}")
+
+    def plan(self, model: nn.Module) -> ModuleTargets:
+        name, outer, _ = find_backbone(model, type(self).__name__)
+        backbone = model.get_submodule(name)
+        require_inputs(backbone, ("attention_mask",), type(self).__name__)
+        input_embedding_weight(backbone, type(self).__name__)
+        if cache_keyword(backbone) is None:
+            raise ValueError(
+                f"{type(self).__name__}: {type(backbone).__name__}.forward takes no key/value cache, which prefix "
+                "tuning uses to add the prefixes"
+            )
+        geometry = kv_geometry(outer.config, type(self).__name__)
+        if geometry.kv_dim <= 0 or geometry.layers <= 0:
+            raise ValueError(
+                f"{type(self).__name__}: cannot read the attention layout of {type(outer).__name__}"
+            )
+        return [name]
+
+    def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
+        name, outer, wraps_outer = find_backbone(model, type(self).__name__)
+        backbone = model.get_submodule(name)
+        geometry = kv_geometry(outer.config, type(self).__name__)
+        layer = PrefixLayer(
+            backbone,
+            self.num_virtual_tokens,
+            geometry,
+            self.prefix_projection,
+            self.encoder_hidden_size,
+            wraps_outer,
+        )
+        replace_module(model, name, layer)
+
+    def saved_config(self) -> PrefixTuning:
+        """The configuration of the adapter files that save_adapter writes: they hold the folded prefixes."""
+        return dataclasses.replace(self, prefix_projection=False)
+
+    # -- HF PEFT interop ------------------------------------------------------------------------------
+    def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
+        _, outer, _ = find_backbone(model, type(self).__name__)
+        geometry = kv_geometry(outer.config, type(self).__name__)
+        return {
+            "peft_type": "PREFIX_TUNING",
+            "task_type": task_type_of(outer),
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "token_dim": geometry.kv_dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": geometry.kv_heads,
+            "num_layers": geometry.layers,
+            "encoder_hidden_size": self.encoder_hidden_size,
+            "prefix_projection": self.prefix_projection,
+            "inference_mode": True,
+            "base_model_name_or_path": getattr(outer.config, "_name_or_path", None) or None,
+            "modules_to_save": list(self.modules_to_save) or None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> PrefixTuning | None:
+        if config.get("peft_type") != "PREFIX_TUNING":
+            return None
+        # HF PEFT always saves the folded prefixes, whatever prefix_projection was during training
+        return cls(
+            num_virtual_tokens=int(config["num_virtual_tokens"]),
+            encoder_hidden_size=int(config.get("encoder_hidden_size") or 512),
+            modules_to_save=list(dict.fromkeys(config.get("modules_to_save") or [])),
+        )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lightning_peft.methods.base import PEFTMethod
 
 _REGISTRY: dict[str, type[PEFTMethod]] = {}
@@ -14,6 +16,8 @@ def register_method(cls: type[PEFTMethod]) -> type[PEFTMethod]:
     if not cls.method_name:
         raise ValueError(f"{cls.__name__}.method_name must be a non-empty string")
     _REGISTRY[cls.method_name] = cls
+    # a method saved as a hyperparameter must load with torch.load(weights_only=True), Lightning's default
+    torch.serialization.add_safe_globals([cls])
     return cls
 
 
