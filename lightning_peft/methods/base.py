@@ -17,6 +17,7 @@ registration line in :mod:`lightning_peft.methods`.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -77,7 +78,7 @@ class PEFTLayer(nn.Module):
 
 
 @dataclass(kw_only=True)
-class PEFTMethod:
+class PEFTMethod(ABC):  # noqa: B024 - ABC (with no abstract methods): jsonargparse then accepts subclasses by class_path
     """Base configuration shared by all PEFT methods."""
 
     #: registry name, also written to adapter_config.json
