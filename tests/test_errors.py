@@ -143,7 +143,9 @@ def test_adapter_file_for_another_model(tmp_path: Path) -> None:
     assert_unchanged(bert, before)
     # a config that plans fine but whose tensors do not fit
     # our metadata in adapter_config.json takes precedence over the copy in the safetensors header
-    config = {"lightning_peft": {"format_version": 1, "methods": [LoRA(r=2, target_modules=["fc2"]).to_dict()]}}
+    config = {
+        "lightning_peft": {"format_version": 1, "methods": [LoRA(r=2, target_modules=["fc2"]).to_dict()]}
+    }
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     other = MLP()
     before = fingerprint(other)
