@@ -10,7 +10,8 @@ import torch
 from helpers import SST2_DIR, fast_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_peft import LoRA, PEFTCallback, load_peft_checkpoint, trainable_parameter_names
+import lightning_peft as lp
+from lightning_peft import LoRA, PEFTCallback, apply_peft, load_peft_checkpoint, trainable_parameter_names
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from text_classification import SequenceClassifier, TextClassificationDataModule  # noqa: E402
@@ -53,3 +54,60 @@ def test_lora_trains_real_minilm_on_sst2(tmp_path: Path) -> None:
         module.eval()
         expected = module.model(**batch).logits
         torch.testing.assert_close(loaded.model(**batch).logits, expected, atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def sst2_batches() -> list[dict[str, torch.Tensor]]:
+    data = TextClassificationDataModule(data_dir=str(SST2_DIR), train_size=32, batch_size=16, shuffle=False)
+    data.setup("fit")
+    return list(data.train_dataloader())
+
+
+METHODS = {
+    "lora": lambda: LoRA(r=8, target_modules=["query", "value"]),
+    "dora": lambda: lp.DoRA(r=8, target_modules=["query", "value"]),
+    "adapter_pfeiffer": lambda: lp.Adapter(placement="pfeiffer", bottleneck_size=24),
+    "adapter_houlsby": lambda: lp.Adapter(placement="houlsby", bottleneck_size=24),
+    "prefix": lambda: lp.PrefixTuning(num_virtual_tokens=20),
+    "prompt": lambda: lp.PromptTuning(num_virtual_tokens=20),
+    "bitfit": lambda: lp.BitFit(),
+    "ia3": lambda: lp.IA3(),
+}
+# trainable parameters without the classifier head, derived by hand for hidden 384, 6 layers, FFN 1536
+EXPECTED_COUNTS = {
+    "lora": 6 * 2 * 8 * (384 + 384),
+    "dora": 6 * 2 * (8 * (384 + 384) + 384),
+    "adapter_pfeiffer": 6 * (384 * 24 + 24 + 24 * 384 + 384),
+    "adapter_houlsby": 2 * 6 * (384 * 24 + 24 + 24 * 384 + 384) + 6 * 2 * 2 * 384,  # + block LayerNorms
+    "prefix": 20 * 6 * 2 * 384,
+    "prompt": 20 * 384,
+    "bitfit": None,  # every bias of the model, checked against the model itself below
+    "ia3": 6 * (384 + 384 + 1536),
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_trains_real_minilm(name: str, sst2_batches: list[dict[str, torch.Tensor]]) -> None:
+    torch.manual_seed(0)
+    module = SequenceClassifier(lr=3e-3)
+    method = METHODS[name]()
+    method.modules_to_save = ["classifier"]
+    apply_peft(module, method)
+    names = trainable_parameter_names(module)
+    count = sum(p.numel() for n, p in module.named_parameters() if n in names and "classifier" not in n)
+    if name == "bitfit":
+        biases = sum(
+            p.numel() for n, p in module.named_parameters() if n.endswith("bias") and "classifier" not in n
+        )
+        assert count == biases == 26_112
+    else:
+        assert count == EXPECTED_COUNTS[name]
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    start = sum(batch_loss(module, b) for b in sst2_batches)
+    module.train()
+    for _ in range(3):
+        for batch in sst2_batches:
+            module.model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert sum(batch_loss(module, b) for b in sst2_batches) < start
