@@ -109,9 +109,9 @@ class LoRALinear(PEFTLayer):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., in) -> (..., r) -> (..., out)
+        # x: (..., in) -> (..., r) -> (..., out); scaling the r-wide intermediate costs r/out of scaling the output
         x = self.lora_dropout(x).to(self.lora_A.dtype)
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (..., out)

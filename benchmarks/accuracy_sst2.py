@@ -1,0 +1,154 @@
+"""SST-2 accuracy of the classic recipe, lightning-peft next to HF PEFT in the same process.
+
+Recipe: the packaged all-MiniLM-L6-v2, the first 2,000 sentences of train.tsv, 2 epochs, batch 16, max length
+128, AdamW, accuracy on the 872-sentence test.tsv (the GLUE dev set). Every variant sees the same batches in
+the same order; ``peft-lora``/``peft-dora`` start from *the same* LoRA weights as ``lora``/``dora`` (copied
+over), so the two libraries' runs differ only by their arithmetic.
+
+    .venv/bin/python benchmarks/accuracy_sst2.py --variants lora peft-lora --lr 2e-4
+    .venv/bin/python benchmarks/accuracy_sst2.py --variants full --lr 2e-5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from text_classification import TextClassificationDataModule, resolve_model_path  # noqa: E402
+
+import lightning_peft as lp  # noqa: E402
+
+OURS = {
+    "lora": lambda: lp.LoRA(r=8, alpha=16, dropout=0.1, target_modules=["query", "value"]),
+    "dora": lambda: lp.DoRA(r=8, alpha=16, dropout=0.1, target_modules=["query", "value"]),
+    "ia3": lambda: lp.IA3(),
+    "adapter": lambda: lp.Adapter(bottleneck_size=24),
+    "prefix": lambda: lp.PrefixTuning(num_virtual_tokens=20),
+    "prompt": lambda: lp.PromptTuning(num_virtual_tokens=20),
+    "bitfit": lambda: lp.BitFit(),
+}
+
+
+def base_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # the new classifier head
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path("minilm"), num_labels=2
+    )
+
+
+def build(variant: str, seed: int, reference: dict[str, nn.Module]) -> nn.Module:
+    model = base_model(seed)
+    if variant == "full":
+        return model
+    if variant in OURS:
+        method = OURS[variant]()
+        method.modules_to_save = ["classifier"]
+        torch.manual_seed(seed + 1)
+        lp.apply_peft(model, method)
+        reference[variant] = model
+        return model
+    import peft  # test/benchmark-only oracle
+
+    kind = variant.removeprefix("peft-")
+    config = peft.LoraConfig(
+        task_type="SEQ_CLS",
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        target_modules=["query", "value"],
+        use_dora=kind == "dora",
+    )
+    wrapped = peft.get_peft_model(model, config)
+    ours = reference.get(kind)
+    if ours is not None:  # start from exactly the same adapter weights
+        params = dict(wrapped.named_parameters())
+        for name, layer in lp.model.peft_layers(ours):
+            params[f"base_model.model.{name}.lora_A.default.weight"].data.copy_(layer.lora_A)
+            params[f"base_model.model.{name}.lora_B.default.weight"].data.copy_(layer.lora_B)
+    return wrapped
+
+
+def evaluate(model: nn.Module, loader: Any) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            total += len(batch["labels"])
+    return correct / total
+
+
+def run(variant: str, args: argparse.Namespace, data: TextClassificationDataModule, reference: dict) -> dict:
+    model = build(variant, args.seed, reference)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed + 2)  # dropout masks
+    start = time.perf_counter()
+    for _ in range(args.epochs):
+        loader = torch.utils.data.DataLoader(
+            data.splits["train"], batch_size=16, shuffle=True, generator=generator, collate_fn=data.collate
+        )
+        for batch in loader:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    seconds = time.perf_counter() - start
+    accuracy = evaluate(model, data.test_dataloader())
+    trainable = sum(p.numel() for p in params)
+    return {
+        "variant": variant,
+        "lr": args.lr,
+        "accuracy": accuracy,
+        "train_seconds": seconds,
+        "trainable": trainable,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variants", nargs="+", default=["lora", "peft-lora"])
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-size", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    data = TextClassificationDataModule(train_size=args.train_size, batch_size=16, max_length=128)
+    data.setup("fit")
+    data.setup("test")
+    reference: dict[str, nn.Module] = {}
+    results = []
+    print("| variant | lr | trainable | SST-2 test acc | train s |\n|---|---|---|---|---|")
+    for variant in args.variants:
+        r = run(variant, args, data, reference)
+        results.append(r)
+        print(
+            f"| {variant} | {r['lr']:g} | {r['trainable']:,} | {100 * r['accuracy']:.1f}% | {r['train_seconds']:.0f} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
