@@ -28,22 +28,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.model import trainable_parameter_names
+from lightning_peft.model import state_dict_key, trainable_parameter_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
+    from torch.distributed.fsdp.wrap import CustomPolicy
 
-#: infixes that wrappers put into ``named_parameters()`` names but not into ``state_dict()`` keys
-WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 #: set on the root module at ``on_fit_start``; the first backward then checks which adapter tensors got grads
 _CHECK_GRADS = "_lightning_peft_check_grads"
-
-
-def clean_name(name: str) -> str:
-    """``named_parameters()`` name → ``state_dict()`` key (FSDP1 and activation-checkpoint wrappers add infixes)."""
-    for infix in WRAPPER_INFIXES:
-        name = name.replace(infix, "")
-    return name
 
 
 def is_global_zero() -> bool:
@@ -77,7 +69,14 @@ def _strategy_kind(trainer: pl.Trainer | None) -> str:
 
 def configure_strategy(trainer: pl.Trainer | None) -> None:
     """Adjust the strategy's settings before it wraps the model (call from ``setup``)."""
-    if _strategy_kind(trainer) != "fsdp":
+    kind = _strategy_kind(trainer)
+    if kind == "model_parallel" and getattr(trainer.strategy, "_save_distributed_checkpoint", False):
+        rank_zero_warn(
+            "lightning-peft: ModelParallelStrategy(save_distributed_checkpoint=True) writes sharded checkpoints, "
+            "which Lightning resumes only when they hold every tensor, so they keep the frozen weights too. "
+            "Pass save_distributed_checkpoint=False for single-file, adapter-only checkpoints."
+        )
+    if kind != "fsdp":
         return
     kwargs: dict[str, Any] = trainer.strategy.kwargs  # type: ignore[union-attr]
     if kwargs.get("use_orig_params") is False:
@@ -106,6 +105,17 @@ def check_not_sharded(module: nn.Module) -> None:
             "manage, so ranks would silently train different adapters. Attach before sharding: build the "
             "layers in __init__ (PEFTCallback attaches in setup, before configure_model), or with PEFTMixin "
             "call self.apply_peft() in configure_model before fully_shard()."
+        )
+
+
+def check_saveable(module: nn.Module) -> None:
+    """:func:`~lightning_peft.save_adapter` reads parameters directly; under FSDP1 they are flat shards."""
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in module.modules()):
+        raise RuntimeError(
+            "save_adapter cannot read an FSDPStrategy (FSDP1) model: each rank holds flat shards of the "
+            "adapter. Save a checkpoint instead (trainer.save_checkpoint or ModelCheckpoint; it holds the full "
+            "adapter tensors), then in one process: save_adapter(load_peft_checkpoint(MyModule, path), folder). "
+            "Under ModelParallelStrategy (FSDP2), save_adapter works when every rank calls it."
         )
 
 
@@ -186,7 +196,7 @@ def check_gradients(module: nn.Module, trainer: pl.Trainer | None) -> None:
     missing = [n for n in trainable_parameter_names(module) if n in params and params[n].grad is None]
     if not missing:
         return
-    owners = sorted({clean_name(n).rsplit(".", 1)[0] for n in missing})
+    owners = sorted({state_dict_key(n).rsplit(".", 1)[0] for n in missing})
     listed = ", ".join(owners[:10]) + (f" and {len(owners) - 10} more" if len(owners) > 10 else "")
     fix = f"exclude them from the method (e.g. exclude_modules={owners[:3]!r}) or make the forward pass use them"
     if _strategy_kind(trainer) == "ddp" and not _ddp_handles_unused(trainer):  # type: ignore[arg-type]
@@ -256,7 +266,8 @@ def peft_wrap_targets(root: nn.Module, block_classes: tuple[type[nn.Module], ...
 
 
 @functools.cache
-def _policy_class() -> type:
+def _policy_class() -> type[CustomPolicy]:
+    # torch.distributed.fsdp is imported on first use only: importing lightning_peft stays light
     from torch.distributed.fsdp.wrap import CustomPolicy
 
     class PEFTWrapPolicy(CustomPolicy):
@@ -283,7 +294,7 @@ def _policy_class() -> type:
 
 def peft_auto_wrap_policy(
     transformer_layer_cls: Iterable[type[nn.Module]] | None = None,
-) -> Any:
+) -> CustomPolicy:
     """An FSDP1 ``auto_wrap_policy`` for adapter training: ``FSDPStrategy(auto_wrap_policy=peft_auto_wrap_policy())``.
 
     Units (FSDP1 wraps bottom-up; each unit owns the parameters of its subtree not owned by an inner unit):

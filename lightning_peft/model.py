@@ -21,6 +21,16 @@ TRAIN_ATTR = "_lightning_peft_train"
 SAVE_ATTR = "_lightning_peft_save"
 #: attribute on the root module: requires_grad of every parameter before attaching, for remove_peft
 FLAGS_ATTR = "_lightning_peft_flags"
+#: infixes that wrappers (FSDP1, activation checkpointing) add to ``named_parameters()`` names but that
+#: ``state_dict()`` keys do not have
+WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def state_dict_key(name: str) -> str:
+    """A ``named_parameters()`` name as ``state_dict()`` keys (and checkpoints, adapter files) spell it."""
+    for infix in WRAPPER_INFIXES:
+        name = name.replace(infix, "")
+    return name
 
 
 @dataclass(frozen=True)
@@ -187,19 +197,20 @@ def refresh_requires_grad(model: nn.Module) -> None:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed by their names in ``model.state_dict()``."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    return {name: params[name].detach() for name in trainable_parameter_names(model)}
+    return {state_dict_key(name): params[name].detach() for name in trainable_parameter_names(model)}
 
 
 def check_adapter_state(model: nn.Module, state: dict[str, Any], source: str) -> None:
     """Raise when ``state`` lacks an adapter tensor of ``model`` or holds one of the wrong shape."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for name in trainable_parameter_names(model):
-        if name not in state:
-            raise ValueError(f"{source} has no tensor {name!r}, which the attached adapter needs")
+        key = state_dict_key(name)  # ``state`` is keyed like state_dict(), without wrapper infixes
+        if key not in state:
+            raise ValueError(f"{source} has no tensor {key!r}, which the attached adapter needs")
         expected = tuple(_full_shape(params[name]))
-        got = tuple(state[name].shape)
+        got = tuple(state[key].shape)
         if expected != got:
-            raise ValueError(f"{source}: tensor {name!r} has shape {got} but the model expects {expected}")
+            raise ValueError(f"{source}: tensor {key!r} has shape {got} but the model expects {expected}")
 
 
 def _full_shape(param: torch.Tensor) -> torch.Size:
@@ -211,7 +222,7 @@ def load_adapter_state(
     model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter state"
 ) -> None:
     check_adapter_state(model, state, source)
-    names = trainable_parameter_names(model)
+    names = [state_dict_key(n) for n in trainable_parameter_names(model)]
     model.load_state_dict({n: state[n] for n in names}, strict=False)
 
 
