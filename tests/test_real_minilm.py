@@ -37,6 +37,7 @@ def test_lora_trains_real_minilm_on_sst2(tmp_path: Path) -> None:
         tmp_path, max_epochs=2, callbacks=[PEFTCallback(lora), checkpoint_cb], enable_checkpointing=True
     )
     start = batch_loss(module, batch)
+    module.train()  # batch_loss switched to eval mode, which Lightning would keep for training
     trainer.fit(module, train_dataloaders=data.train_dataloader())
     assert batch_loss(module, batch) < start
 
