@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,21 @@ def tiny_llama(seed: int = 0) -> nn.Module:
         max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def with_biases(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """transformers initialises biases to zero; random ones make bias handling observable."""
+
+    def build() -> nn.Module:
+        model = factory()
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.add_(0.1 * torch.randn(param.shape, generator=g))
+        return model
+
+    return build
 
 
 TINY_MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}

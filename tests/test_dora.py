@@ -7,7 +7,6 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from helpers import (
     tiny_batch,
     tiny_bert,
     tiny_gpt2,
+    with_biases,
 )
 from torch import nn
 
@@ -48,21 +48,6 @@ PEFT_SUFFIX = {
     "lora_magnitude_vector": "lora_magnitude_vector.default.weight",
 }
 TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"]}
-
-
-def with_biases(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """transformers initialises biases to zero; random ones make bias handling observable."""
-
-    def build() -> nn.Module:
-        model = factory()
-        g = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("bias"):
-                    param.add_(0.1 * torch.randn(param.shape, generator=g))
-        return model
-
-    return build
 
 
 MODELS = {"bert": with_biases(tiny_bert), "gpt2": with_biases(tiny_gpt2)}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from helpers import (
     tiny_bert,
     tiny_gpt2,
     tiny_llama,
+    with_biases,
 )
 from torch import nn
 
@@ -39,21 +39,6 @@ from lightning_peft.model import (
 )
 
 peft = pytest.importorskip("peft")
-
-
-def with_biases(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """transformers initialises biases to zero; random ones make bias handling observable."""
-
-    def build() -> nn.Module:
-        model = factory()
-        g = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("bias"):
-                    param.add_(0.1 * torch.randn(param.shape, generator=g))
-        return model
-
-    return build
 
 
 MODELS = {"bert": with_biases(tiny_bert), "gpt2": with_biases(tiny_gpt2), "llama": tiny_llama}
