@@ -49,7 +49,7 @@ def base_model(seed: int) -> nn.Module:
     )
 
 
-def build(variant: str, seed: int, reference: dict[str, nn.Module]) -> nn.Module:
+def build(variant: str, seed: int, reference: dict[str, dict[str, torch.Tensor]]) -> nn.Module:
     model = base_model(seed)
     if variant == "full":
         return model
@@ -58,7 +58,8 @@ def build(variant: str, seed: int, reference: dict[str, nn.Module]) -> nn.Module
         method.modules_to_save = ["classifier"]
         torch.manual_seed(seed + 1)
         lp.apply_peft(model, method)
-        reference[variant] = model
+        # the initial adapter (cloned: this model trains before the HF PEFT variant is built)
+        reference[variant] = {n: t.clone() for n, t in lp.adapter_state_dict(model).items()}
         return model
     import peft  # test/benchmark-only oracle
 
@@ -72,12 +73,12 @@ def build(variant: str, seed: int, reference: dict[str, nn.Module]) -> nn.Module
         use_dora=kind == "dora",
     )
     wrapped = peft.get_peft_model(model, config)
-    ours = reference.get(kind)
-    if ours is not None:  # start from exactly the same adapter weights
+    initial = reference.get(kind)
+    if initial is not None:  # start from exactly the same adapter weights
         params = dict(wrapped.named_parameters())
-        for name, layer in lp.model.peft_layers(ours):
-            params[f"base_model.model.{name}.lora_A.default.weight"].data.copy_(layer.lora_A)
-            params[f"base_model.model.{name}.lora_B.default.weight"].data.copy_(layer.lora_B)
+        for name, tensor in initial.items():
+            if name.endswith(("lora_A", "lora_B")):
+                params[f"base_model.model.{name}.default.weight"].data.copy_(tensor)
     return wrapped
 
 
@@ -137,7 +138,7 @@ def main() -> None:
     data = TextClassificationDataModule(train_size=args.train_size, batch_size=16, max_length=128)
     data.setup("fit")
     data.setup("test")
-    reference: dict[str, nn.Module] = {}
+    reference: dict[str, dict[str, torch.Tensor]] = {}
     results = []
     print("| variant | lr | trainable | SST-2 test acc | train s |\n|---|---|---|---|---|")
     for variant in args.variants:
