@@ -100,3 +100,21 @@ def test_mixin_without_method_explains() -> None:
 
     with pytest.raises(ValueError, match="set self.peft_method"):
         Bare().apply_peft()
+
+
+class MethodAsHyperparameter(PEFTMixin, HFModule):
+    def __init__(self, method: LoRA | None = None) -> None:
+        super().__init__("bert")
+        self.save_hyperparameters()
+        self.peft_method = method
+
+
+def test_method_object_as_hyperparameter_loads_with_weights_only(tmp_path: Path) -> None:
+    module = MethodAsHyperparameter(LoRA(r=2, target_modules=["query"]))
+    trainer = fast_trainer(tmp_path, max_steps=1)
+    trainer.fit(module, hf_loader("bert"))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    checkpoint = torch.load(tmp_path / "m.ckpt", weights_only=True)  # method classes are safe globals
+    assert checkpoint["hyper_parameters"]["method"] == LoRA(r=2, target_modules=["query"])
+    loaded = MethodAsHyperparameter.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    assert len(list(peft_layers(loaded))) == 2
