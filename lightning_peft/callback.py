@@ -50,20 +50,12 @@ class PEFTCallback(Callback):
             attach(pl_module, self.methods, trainer)  # checks that the configuration is the same
             return
         try:
-            plans_ok = self._can_attach(pl_module)
+            attach(pl_module, self.methods, trainer)  # validates everything before touching the module
         except ValueError:
             if not is_overridden("configure_model", pl_module):
                 raise
-            plans_ok = False
-        if plans_ok:
-            attach(pl_module, self.methods, trainer)
-        elif is_overridden("configure_model", pl_module):
+            # the layers may be built in configure_model, which runs next: attach (or raise) after it
             self._attach_after_configure_model(trainer, pl_module)
-
-    def _can_attach(self, pl_module: pl.LightningModule) -> bool:
-        for method in self.methods:
-            method.plan(pl_module)
-        return True
 
     def _attach_after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning runs callbacks' setup before configure_model: layers built there do not exist yet

@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_peft.distributed import check_not_sharded
 from lightning_peft.methods import PEFTMethod
-from lightning_peft.model import ParameterCount, apply_peft, attached_methods, count_parameters
+from lightning_peft.model import ParameterCount, apply_peft, attached_methods
 
 
 def same_methods(a: Sequence[PEFTMethod], b: Sequence[PEFTMethod]) -> bool:
@@ -57,7 +57,3 @@ def report(methods: Sequence[PEFTMethod], counts: ParameterCount, trainer: pl.Tr
     }
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams)
-
-
-def current_counts(module: nn.Module) -> ParameterCount:
-    return count_parameters(module)

@@ -39,22 +39,14 @@ class PEFTMixin:
             )
         attach(self, as_method_list(method), getattr(self, "_trainer", None))  # type: ignore[arg-type]
 
-    def _targets_exist(self) -> bool:
-        method = self.configure_peft()
-        if method is None:
-            return False
-        try:
-            for m in as_method_list(method):
-                m.plan(self)  # type: ignore[arg-type]
-        except ValueError:
-            return False
-        return True
-
     def setup(self, stage: str) -> None:
         super().setup(stage)  # type: ignore[misc]
         configure_strategy(getattr(self, "_trainer", None))
-        if not is_attached(self) and self._targets_exist():  # type: ignore[arg-type]
-            self.apply_peft()
+        if not is_attached(self) and self.configure_peft() is not None:  # type: ignore[arg-type]
+            try:
+                self.apply_peft()  # validates everything before touching the module
+            except ValueError:
+                pass  # the layers may be built in configure_model, which runs next and attaches (or raises)
 
     def configure_model(self) -> None:
         super().configure_model()  # type: ignore[misc]

@@ -207,15 +207,10 @@ def check_adapter_state(model: nn.Module, state: dict[str, Any], source: str) ->
         key = state_dict_key(name)  # ``state`` is keyed like state_dict(), without wrapper infixes
         if key not in state:
             raise ValueError(f"{source} has no tensor {key!r}, which the attached adapter needs")
-        expected = tuple(_full_shape(params[name]))
+        expected = tuple(params[name].shape)  # a DTensor (FSDP2) reports its global shape
         got = tuple(state[key].shape)
         if expected != got:
             raise ValueError(f"{source}: tensor {key!r} has shape {got} but the model expects {expected}")
-
-
-def _full_shape(param: torch.Tensor) -> torch.Size:
-    # a DTensor (FSDP2) reports its global shape through .shape already; keep this hook for clarity
-    return param.shape
 
 
 def load_adapter_state(

@@ -126,15 +126,14 @@ def find_targets(
     else:
         names = [n for n, _ in model.named_modules() if n and matches_any(n, target_modules)]
     names = [n for n in names if not matches_any(n, exclude_modules)]
+    modules = dict(model.named_modules())
     if skip is not None:
-        modules = dict(model.named_modules())
         names = [n for n in names if not skip(n, modules[n])]
     if not names:
         raise ValueError(
             f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matched no module of "
             f"{type(model).__name__} for {method}. Candidate layer names: {candidate_names(model, supported)}"
         )
-    modules = dict(model.named_modules())
     # a pattern may match containers too (e.g. "attention" matches the block); keep the supported leaves
     # when the user gave a list of names, but reject a matched module whose type is plainly wrong
     bad = [n for n in names if not supported(modules[n])]
