@@ -215,3 +215,26 @@ def fast_trainer(tmp_path: Path | str, **kwargs: Any) -> pl.Trainer:
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def peft_loads_our_folder(
+    model: nn.Module, base: nn.Module, folder: Path, kind: str, head: bool, task_type: str | None
+) -> nn.Module:
+    """Save ``model``'s adapter (with its head nudged when ``head``), load it with HF PEFT onto ``base`` and check
+    that the outputs and the adapter_config.json task_type agree. Returns the PEFT model."""
+    import json
+
+    import peft
+
+    from lightning_peft import save_adapter
+
+    batch = tiny_batch(kind)
+    if head:
+        with torch.no_grad():
+            model.classifier.weight.add_(0.5)
+    expected = model_output(model, batch)
+    save_adapter(model, folder)
+    assert json.loads((folder / "adapter_config.json").read_text())["task_type"] == task_type
+    loaded = peft.PeftModel.from_pretrained(base, str(folder))
+    torch.testing.assert_close(model_output(loaded, batch), expected, atol=1e-5, rtol=0)
+    return loaded

