@@ -15,8 +15,10 @@ only the folded ``Θ`` is needed (:meth:`PrefixLayer.saved_tensors`).
 The prefixes enter through the model's own key/value cache: the backbone receives a cache pre-filled with
 them, so the real tokens sit at positions ``P … P+S-1`` (the same offset as HF PEFT, and as BERT prefix
 tuning in P-Tuning v2), the attention mask gets ``P`` leading ones, and ``generate()`` keeps the prefix in
-its cache from the first step on. This works for encoders (BERT) as for decoders (GPT-2, Llama). HF gradient
-checkpointing drops the cache during training, which removes the prefix: that case raises an error.
+its cache from the first step on. This works for encoders (BERT) as for decoders (GPT-2, Llama). While
+gradients are on, the cache only reads (it returns ``[K^p_l; K_l]`` and stores nothing) and a pre-hook on each
+self-attention module supplies it where the model dropped the cache, so activation checkpointing (HF's or
+torch's) recomputes every layer exactly; see :mod:`lightning_peft.methods._prefix_cache`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft.methods._prefix_cache import has_hooks, install_hooks, read_only_cache, remove_hooks
 from lightning_peft.methods._virtual_tokens import (
     VirtualTokenLayer,
     cache_keyword,
@@ -41,9 +44,12 @@ from lightning_peft.methods.base import PEFTMethod, check_positive_int
 from lightning_peft.methods.registry import register_method
 from lightning_peft.targeting import ModuleTargets, replace_module
 
-NO_CACHE = (
-    "the model did not use its key/value cache, which carries the prefix; HF gradient checkpointing drops the "
-    "cache during training, so disable it for prefix tuning (or use prompt tuning)"
+NO_CACHE = "the model did not use its key/value cache, which carries the prefix"
+NO_HOOK = (
+    "the model dropped the key/value cache that carries the prefix (transformers does so inside "
+    "gradient-checkpointed layers), and lightning-peft found no self-attention modules with a layer_idx and a "
+    "cache argument to hand the prefix to directly; disable gradient checkpointing for prefix tuning, or use "
+    "prompt tuning"
 )
 
 
@@ -107,6 +113,9 @@ class PrefixLayer(VirtualTokenLayer):
             )
         else:
             self.prompt_embeddings = nn.Parameter(torch.randn(num_virtual_tokens, width, **factory))
+        # attention layers that received the prefix during the current forward (see forward's check)
+        self._layers_used: set[int] = set()
+        self.hooked = install_hooks(self, base_layer, geometry.layers)
 
     def prefix_matrix(self) -> torch.Tensor:
         """Θ, shape (P, L·2·d_kv): the plain prefixes (through the MLP with ``prefix_projection``)."""
@@ -134,18 +143,45 @@ class PrefixLayer(VirtualTokenLayer):
             for i in range(g.layers)
         ]
 
+    def layer_key_values(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s prefix keys and values, each (B, kv_heads, P, head_dim) with the batch size and
+        dtype of ``like``, computed from the parameters (only this layer's columns of Θ)."""
+        g, p = self.geometry, self.num_virtual_tokens
+        width = 2 * g.kv_dim
+        columns = slice(layer * width, (layer + 1) * width)
+        if self.prefix_projection:
+            first, activation, last = self.transform
+            theta = nn.functional.linear(
+                activation(first(self.embedding)), last.weight[columns], last.bias[columns]
+            )
+        else:
+            theta = self.prompt_embeddings[:, columns]  # (P, 2·d_kv)
+        theta = (
+            theta.to(like.dtype).reshape(p, 2, g.kv_heads, g.head_dim).permute(1, 2, 0, 3)
+        )  # (2, kv, P, hd)
+        self._layers_used.add(layer)
+        batch = like.shape[0]
+        return theta[0].unsqueeze(0).expand(batch, -1, -1, -1), theta[1].unsqueeze(0).expand(
+            batch, -1, -1, -1
+        )
+
+    def unload(self) -> nn.Module:
+        remove_hooks(self, self.base_layer)
+        return self.base_layer
+
     def new_cache(self) -> Any:
         from transformers import DynamicCache
 
         return DynamicCache(config=self.base_layer.config)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.training and getattr(self.base_layer, "gradient_checkpointing", False):
-            raise RuntimeError(NO_CACHE)
         kwargs = self.bind(args, kwargs)
         cache = self.pop_cache(kwargs)
         p = self.num_virtual_tokens
         batch, length, device = self.batch_and_length(kwargs)
+        # with gradients on and no cache from the caller (training), a cache that only reads: layers that are
+        # recomputed for activation checkpointing see the same keys twice (see _prefix_cache)
+        read_only = cache is None and torch.is_grad_enabled()
         # an empty cache (training, or the first step of generate) gets the prefix; a filled one has it
         prefilled = self.cache_length(cache) == 0
         if prefilled:
@@ -153,8 +189,12 @@ class PrefixLayer(VirtualTokenLayer):
             # the model's compute dtype (it may have been cast after the prefix was created)
             weight = self.base_layer.get_input_embeddings().weight
             dtype = weight.dtype if weight.is_floating_point() else torch.float32
-            for layer, (keys, values) in enumerate(self.key_values(batch, dtype)):
-                cache.update(keys, values, layer)
+            if read_only:
+                with torch.no_grad():
+                    cache = read_only_cache(cache, self, self.key_values(batch, dtype))
+            else:
+                for layer, (keys, values) in enumerate(self.key_values(batch, dtype)):
+                    cache.update(keys, values, layer)
         past = self.cache_length(cache)  # P + real tokens seen before this call
         mask = kwargs.get("attention_mask")
         if mask is None:
@@ -164,9 +204,21 @@ class PrefixLayer(VirtualTokenLayer):
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + p
         kwargs[self._cache_key] = cache
-        output = self.base_layer(**kwargs)
-        if prefilled and self.cache_length(cache) == p:
-            raise RuntimeError(f"{type(self.base_layer).__name__}: {NO_CACHE}")
+        self._layers_used = set()
+        name = type(self.base_layer).__name__
+        try:
+            output = self.base_layer(**kwargs)
+        except (RuntimeError, ValueError) as error:
+            # without a prefix the keys are P shorter than the mask: name the cause, not the shape mismatch
+            if read_only and not self._layers_used and not has_hooks(self, self.base_layer):
+                raise RuntimeError(f"{name}: the attention layers got no prefix: {NO_HOOK}") from error
+            raise
+        if read_only and len(self._layers_used) < self.geometry.layers:
+            missing = sorted(set(range(self.geometry.layers)) - self._layers_used)
+            raise RuntimeError(f"{name}: attention layers {missing} got no prefix: {NO_HOOK}")
+        # (GPT-2 drops the cache in checkpointed training mode even without gradients: the hooks then gave it)
+        if not read_only and prefilled and self.cache_length(cache) == p and not self._layers_used:
+            raise RuntimeError(f"{name}: {NO_CACHE}")
         return output
 
     def extra_repr(self) -> str:
