@@ -53,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-peft", action="store_true", help="leave out the HF PEFT variants")
     parser.add_argument("--skip-step", action="store_true", help="only the checkpoint sizes")
     parser.add_argument("--skip-checkpoints", action="store_true", help="only the training-step memory")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="train every variant with transformers' gradient checkpointing (non-reentrant)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     args = parser.parse_args(argv)
@@ -114,6 +119,9 @@ def measure_step(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     batch = common.make_batch(base, args.batch, args.seq)
     model = build_variant(base, variant)
     del base
+    if args.gradient_checkpointing:
+        # HF PEFT's PeftModel passes the call on to the transformers model
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     model.train()
@@ -156,6 +164,8 @@ def run_worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.seq),
     ]
     command += ["--threads", str(args.threads)]
+    if args.gradient_checkpointing:
+        command.append("--gradient-checkpointing")
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
