@@ -78,11 +78,13 @@ def test_torch_checkpoint_wrapper_gives_the_gradients_of_a_normal_step(kind: str
     assert_same_step(model, batch, expected)
 
 
+@pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_outputs_with_gradients_on_equal_those_of_the_filled_cache(kind: str) -> None:
-    """With gradients on the prefix comes from the read-only cache; without, from the cache the layers fill
-    (the path compared with HF PEFT and a hand-written BERT in test_prefix)."""
-    model = with_prefix(kind).train()
+def test_outputs_with_gradients_on_equal_those_of_the_filled_cache(kind: str, projection: bool) -> None:
+    """With gradients on the prefix comes from the read-only cache, one layer's columns of Θ at a time;
+    without, from the cache the layers fill (the path compared with HF PEFT and a hand-written BERT in
+    test_prefix)."""
+    model = with_prefix(kind, prefix_projection=projection, encoder_hidden_size=8).train()
     batch = tiny_batch(kind)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     torch.testing.assert_close(model(**inputs).logits.detach(), model_output(model, batch), atol=1e-6, rtol=0)

@@ -112,3 +112,30 @@ def test_every_method_trains_real_minilm(name: str, sst2_batches: list[dict[str,
             optimizer.step()
             optimizer.zero_grad()
     assert sum(batch_loss(module, b) for b in sst2_batches) < start
+
+
+def test_prefix_tuning_with_gradient_checkpointing_on_real_minilm(
+    sst2_batches: list[dict[str, torch.Tensor]],
+) -> None:
+    """``SequenceClassifier(gradient_checkpointing=True)`` (``--model.gradient_checkpointing true``) with
+    prefix tuning: the same loss and gradients as without checkpointing."""
+    batch = sst2_batches[0]
+    steps = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = SequenceClassifier(gradient_checkpointing=checkpointing)
+        for sub in module.modules():  # deterministic: both runs must see the same graph
+            if isinstance(sub, torch.nn.Dropout):
+                sub.p = 0.0
+        apply_peft(module, lp.PrefixTuning(num_virtual_tokens=20, modules_to_save=["classifier"]))
+        assert module.model.is_gradient_checkpointing == checkpointing
+        loss = module.model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+        steps.append((loss.detach(), grads))
+    (loss, expected), (checkpointed_loss, got) = steps
+    torch.testing.assert_close(checkpointed_loss, loss, atol=1e-6, rtol=0)
+    assert set(got) == set(expected) and len(got) == 3  # the prefix and the classifier's weight and bias
+    for name, grad in expected.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(got[name], grad, atol=1e-6, rtol=1e-4, msg=name)
