@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_peft.distributed import check_gradients, configure_strategy, prepare_training
-from lightning_peft.hooks import attach
+from lightning_peft.hooks import attach, mark_loaded, warn_if_fresh
 from lightning_peft.io import CHECKPOINT_KEY, filter_checkpoint, prepare_checkpoint_load
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.model import as_method_list, is_attached
@@ -83,6 +83,16 @@ class PEFTCallback(Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_gradients(pl_module, trainer)  # once per fit: adapter tensors that got no gradient
 
+    # a validate/test/predict run that attached a new adapter and loaded no checkpoint evaluates an untrained one
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        warn_if_fresh(pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        warn_if_fresh(pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        warn_if_fresh(pl_module)
+
     # -- callback state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"methods": [m.to_dict() for m in self.methods]}
@@ -118,6 +128,7 @@ class _LoadHook(_InstanceHook):
         type(self.module).on_load_checkpoint(self.module, checkpoint)
         if CHECKPOINT_KEY in checkpoint:
             prepare_checkpoint_load(self.module, checkpoint)
+        mark_loaded(self.module)
 
 
 def configure_model(self: pl.LightningModule) -> None:

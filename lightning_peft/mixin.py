@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from lightning_peft.distributed import check_gradients, configure_strategy, prepare_training
-from lightning_peft.hooks import attach
+from lightning_peft.hooks import attach, attach_for_state_dict, mark_loaded, warn_if_fresh
 from lightning_peft.io import filter_checkpoint, prepare_checkpoint_load
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.model import as_method_list, is_attached
@@ -71,3 +72,28 @@ class PEFTMixin:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         prepare_checkpoint_load(self, checkpoint)  # type: ignore[arg-type]
+        mark_loaded(self)  # type: ignore[arg-type]
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Attach the adapter first when ``state_dict`` holds its tensors and the module has none yet: the
+        weights ``ddp_spawn`` hands back to the main process after ``fit``, or a full ``state_dict()`` of a
+        trained module. Otherwise ``nn.Module.load_state_dict``."""
+        method = self.configure_peft()
+        if method is not None:
+            attach_for_state_dict(self, as_method_list(method), state_dict)  # type: ignore[arg-type]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+
+    # a validate/test/predict run that attached a new adapter and loaded no checkpoint evaluates an untrained one
+    def on_validation_start(self) -> None:
+        super().on_validation_start()  # type: ignore[misc]
+        warn_if_fresh(self)  # type: ignore[arg-type]
+
+    def on_test_start(self) -> None:
+        super().on_test_start()  # type: ignore[misc]
+        warn_if_fresh(self)  # type: ignore[arg-type]
+
+    def on_predict_start(self) -> None:
+        super().on_predict_start()  # type: ignore[misc]
+        warn_if_fresh(self)  # type: ignore[arg-type]

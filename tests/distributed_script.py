@@ -86,6 +86,12 @@ class FSDP2Module(DDPModule):
         shard(self)
 
 
+class MixinSpawnModule(PEFTMixin, DDPModule):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self.peft_method = lora()
+
+
 class MixinFSDP2Module(PEFTMixin, DDPModule):
     """Model built in ``configure_model``: ``self.apply_peft()`` runs there, before ``fully_shard``."""
 
@@ -264,8 +270,14 @@ def run_ddp_spawn(out: Path, results: dict[str, Any]) -> None:
     trainer(out, "ddp_spawn", [checkpoints, Probe(out)], plugins=[CountingIO(out)]).fit(module)
     from lightning_peft.model import is_attached
 
-    # documented pitfall: the module in this (main) process never had the adapter attached
+    # documented pitfall: with the callback, the module in this (main) process never gets the adapter
     results["main_process_attached"] = is_attached(module)
+
+    # PEFTMixin: Lightning hands the trained weights back through load_state_dict, which attaches first
+    mixin = MixinSpawnModule(seed=0)
+    trainer(out, "ddp_spawn", [SeedAtSetup()], peft=False, enable_checkpointing=False).fit(mixin)
+    results["mixin_main_process_attached"] = is_attached(mixin)
+    save_tensors(mixin, out / "spawn_mixin_main.pt")
 
 
 def run_fsdp2(out: Path, results: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,30 @@ def test_parameter_counts_are_logged(tmp_path: Path) -> None:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     assert hparams["peft/trainable_params"] == trainable
     assert hparams["peft/method"] == "LoRA"
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_evaluating_an_adapter_that_was_never_trained_or_loaded_warns(tmp_path: Path, stage: str) -> None:
+    """The adapter attached by a validate/test/predict run has its initial values: e.g. trainer.test(module)
+    after a ddp_spawn fit, whose main-process module never got the trained adapter."""
+    module = HFModule("bert")
+    module.test_step = module.validation_step  # type: ignore[method-assign]
+    trainer = fast_trainer(tmp_path, callbacks=[PEFTCallback(lora(), verbose=False)])
+    with pytest.warns(UserWarning, match=f"this {stage} run uses an adapter .* neither trained nor loaded"):
+        getattr(trainer, stage)(module, hf_loader("bert", n=4))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*neither trained nor loaded")
+        getattr(trainer, stage)(module, hf_loader("bert", n=4))  # attached before this run: no warning
+
+
+def test_no_untrained_warning_after_fit_or_with_a_checkpoint(tmp_path: Path) -> None:
+    checkpoint_cb = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    callbacks = [PEFTCallback(lora(), verbose=False), checkpoint_cb]
+    trainer = fast_trainer(tmp_path, max_steps=2, callbacks=callbacks, enable_checkpointing=True)
+    module = HFModule("bert")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*neither trained nor loaded")
+        trainer.fit(module, hf_loader("bert"), hf_loader("bert", n=4))  # fit's validation: trained adapter
+        trainer.validate(module, hf_loader("bert", n=4))
+        fresh = fast_trainer(tmp_path, callbacks=[PEFTCallback(lora(), verbose=False)])
+        fresh.validate(HFModule("bert"), hf_loader("bert", n=4), ckpt_path=tmp_path / "last.ckpt")

@@ -122,7 +122,7 @@ def test_ddp(tmp_path: Path) -> None:
 
 def test_ddp_spawn(tmp_path: Path) -> None:
     out = tmp_path
-    run_script(out, "ddp_spawn")
+    (results,) = run_script(out, "ddp_spawn")  # written by the main process
     for rank in (0, 1):
         probe = json.loads((out / f"probe_rank{rank}.json").read_text())
         assert probe["ddp_param_tensors"] == probe["trainable_tensors"] == 10
@@ -135,6 +135,9 @@ def test_ddp_spawn(tmp_path: Path) -> None:
     assert not (out / "writes_rank1.txt").exists()
     checkpoint = torch.load(written[0], weights_only=False)
     assert max_diff(checkpoint["state_dict"], rank0) == 0.0
+    # after fit, the main process's PEFTMixin module has the trained adapter (the callback's has none)
+    assert results["main_process_attached"] is False and results["mixin_main_process_attached"] is True
+    assert max_diff(torch.load(out / "spawn_mixin_main.pt"), rank0) == 0.0
 
 
 def test_unused_adapter_warns_in_a_single_process(tmp_path: Path) -> None:

@@ -142,3 +142,48 @@ def test_mixin_with_every_method(tmp_path: Path, method_name: str) -> None:
     torch.testing.assert_close(
         model_output(loaded.model, batch), model_output(module.model, batch), atol=0, rtol=0
     )
+
+
+def test_load_state_dict_of_a_trained_module_attaches_first(tmp_path: Path) -> None:
+    """What ddp_spawn's main process gets after fit: the worker's full state_dict, loaded into a module that
+    has no adapter (Lightning passes strict=False, which would silently drop the adapter)."""
+    trained = LoRAClassifier()
+    fast_trainer(tmp_path, max_steps=3).fit(trained, hf_loader("bert"))
+    trained.eval()
+    batch = tiny_batch("bert")
+    for strict in (True, False):
+        fresh = LoRAClassifier()
+        assert not list(peft_layers(fresh))
+        fresh.load_state_dict(trained.state_dict(), strict=strict)
+        assert len(list(peft_layers(fresh))) == 4
+        torch.testing.assert_close(
+            model_output(fresh.eval().model, batch), model_output(trained.model, batch), atol=0, rtol=0
+        )
+
+
+def test_load_state_dict_without_adapter_tensors_attaches_nothing() -> None:
+    source = LoRAClassifier()
+    flags = {n: p.requires_grad for n, p in source.named_parameters()}
+    fresh = LoRAClassifier()
+    fresh.load_state_dict(source.state_dict())  # no adapter in the state: nothing to attach
+    assert not list(peft_layers(fresh))
+    # keys that attaching would not explain: the adapter is rolled back, flags and strictness restored
+    state = {**source.state_dict(), "model.unrelated.weight": torch.zeros(1)}
+    result = fresh.load_state_dict(state, strict=False)
+    assert not list(peft_layers(fresh)) and result.unexpected_keys == ["model.unrelated.weight"]
+    assert {n: p.requires_grad for n, p in fresh.named_parameters()} == flags
+    assert fresh.strict_loading is True
+
+
+def test_evaluating_an_adapter_that_was_never_trained_or_loaded_warns(tmp_path: Path) -> None:
+    module = LoRAClassifier()
+    with pytest.warns(UserWarning, match="neither trained nor loaded"):
+        fast_trainer(tmp_path).validate(module, hf_loader("bert", n=4))
+    checkpoint_cb = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    trainer = fast_trainer(tmp_path, max_steps=2, callbacks=[checkpoint_cb], enable_checkpointing=True)
+    trainer.fit(LoRAClassifier(), hf_loader("bert"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*neither trained nor loaded")
+        fast_trainer(tmp_path).validate(
+            LoRAClassifier(), hf_loader("bert", n=4), ckpt_path=tmp_path / "last.ckpt"
+        )
