@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.model import state_dict_key, trainable_parameter_names
+from lightning_peft.model import peft_layers, state_dict_key, trainable_parameter_names
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -162,6 +162,7 @@ def prepare_training(module: nn.Module, trainer: pl.Trainer | None) -> None:
     kind = _strategy_kind(trainer)
     if kind == "ddp":
         _check_ddp_registration(module, trainer)  # type: ignore[arg-type]
+        _check_ddp_reentrant_sharing(module, trainer)  # type: ignore[arg-type]
     # FSDP1 leaves .grad None on ranks that hold no shard of a tensor; other strategies: unknown semantics
     module.__dict__[_CHECK_GRADS] = kind in ("single", "ddp", "model_parallel")
 
@@ -186,6 +187,38 @@ def _check_ddp_registration(module: nn.Module, trainer: pl.Trainer) -> None:
             "averaged across processes. Attach in setup or configure_model (PEFTCallback and PEFTMixin do "
             "this when the target layers exist by then)."
         )
+
+
+def _check_ddp_reentrant_sharing(module: nn.Module, trainer: pl.Trainer) -> None:
+    # Reentrant checkpointing back-propagates every checkpointed layer in a backward call of its own, so a
+    # parameter that several layers use (prefix tuning's prefix) receives its gradient in pieces; DDP all-reduces
+    # the first piece and the ranks drift apart, silently. DDP's static_graph copes with it.
+    ddp = trainer.strategy.model
+    if getattr(ddp, "static_graph", True) or not _reentrant_checkpointing(module):
+        return
+    shared = sorted({type(layer).__name__ for _, layer in peft_layers(module) if layer.shared_across_layers})
+    if shared:
+        raise RuntimeError(
+            f"lightning-peft: {', '.join(shared)} under DDP with reentrant gradient checkpointing "
+            "(use_reentrant=True): every checkpointed layer back-propagates into the shared prefix parameters "
+            "separately, and DDP would average only part of their gradient, so the processes would train "
+            "different prefixes. Use non-reentrant checkpointing, gradient_checkpointing_enable("
+            "gradient_checkpointing_kwargs={'use_reentrant': False}) (transformers 5's default), or "
+            "Trainer(strategy=DDPStrategy(static_graph=True))."
+        )
+
+
+def _reentrant_checkpointing(module: nn.Module) -> bool:
+    """Whether a transformers model or a torch ``checkpoint_wrapper`` in ``module`` checkpoints reentrantly."""
+    for sub in module.modules():
+        if getattr(sub, "gradient_checkpointing", False) is True:
+            func = getattr(sub, "_gradient_checkpointing_func", None)
+            if getattr(func, "keywords", {}).get("use_reentrant", False):
+                return True
+        impl = getattr(sub, "checkpoint_impl", None)  # torch's CheckpointWrapper
+        if impl is not None and getattr(impl, "name", "") == "REENTRANT":
+            return True
+    return False
 
 
 def check_gradients(module: nn.Module, trainer: pl.Trainer | None) -> None:

@@ -1,6 +1,6 @@
 """Multi-process checks for tests/test_ddp.py and tests/test_fsdp2.py.
 
-Run as ``python tests/distributed_script.py OUT {ddp,ddp_spawn,fsdp2}``. Spawning processes on a 2-core
+Run as ``python tests/distributed_script.py OUT {ddp,ddp_prefix,ddp_spawn,fsdp2}``. Spawning processes on a 2-core
 machine is slow, so one invocation does several fits and writes what the tests assert on into OUT:
 ``results_<mode>_rank<r>.json`` and adapter tensors (``*.pt``). With ``strategy="ddp"`` and
 ``ModelParallelStrategy`` Lightning re-runs this script for rank 1, so both ranks execute every step below in
@@ -25,11 +25,19 @@ import lightning.pytorch as pl  # noqa: E402
 from helpers import DictDataset, HFModule, tiny_bert  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
-from lightning.pytorch.strategies import ModelParallelStrategy, Strategy  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
-from lightning_peft import LoRA, PEFTCallback, PEFTMixin, adapter_state_dict, save_adapter  # noqa: E402
+from lightning_peft import (  # noqa: E402
+    LoRA,
+    PEFTCallback,
+    PEFTMethod,
+    PEFTMixin,
+    PrefixTuning,
+    adapter_state_dict,
+    save_adapter,
+)
 
 N_SAMPLES = 32
 BATCH_PER_RANK = 8
@@ -38,6 +46,13 @@ EPOCHS = 2
 
 def lora() -> LoRA:
     return LoRA(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+
+
+def prefix() -> PrefixTuning:
+    return PrefixTuning(num_virtual_tokens=4, modules_to_save=["classifier"])
+
+
+METHODS = {"lora": lora, "prefix": prefix}
 
 
 class SeedAtSetup(Callback):
@@ -199,12 +214,19 @@ def save_tensors(module: torch.nn.Module, path: Path) -> None:
     torch.save(full_adapter(module), path)
 
 
+def peft_callbacks(method: PEFTMethod) -> list[Callback]:
+    return [SeedAtSetup(), PEFTCallback(method, verbose=False)]
+
+
 @functools.cache
-def reference_adapter(epochs: int = EPOCHS) -> dict[str, torch.Tensor]:
+def reference_adapter(epochs: int = EPOCHS, method: str = "lora") -> dict[str, torch.Tensor]:
     """One process, batch 16: what 2 processes x batch 8 must reproduce (computed once per process)."""
     module = DDPModule(seed=0)
     module.batch_size = BATCH_PER_RANK * 2
-    t = trainer(Path("."), "auto", [], devices=1, max_epochs=epochs, enable_checkpointing=False)
+    callbacks = peft_callbacks(METHODS[method]())
+    t = trainer(
+        Path("."), "auto", callbacks, peft=False, devices=1, max_epochs=epochs, enable_checkpointing=False
+    )
     t.fit(module)
     return full_adapter(module)
 
@@ -278,6 +300,33 @@ def run_ddp_spawn(out: Path, results: dict[str, Any]) -> None:
     trainer(out, "ddp_spawn", [SeedAtSetup()], peft=False, enable_checkpointing=False).fit(mixin)
     results["mixin_main_process_attached"] = is_attached(mixin)
     save_tensors(mixin, out / "spawn_mixin_main.pt")
+
+
+class CheckpointedModule(DDPModule):
+    """Gradient checkpointing on every BERT layer, reentrant or not."""
+
+    def __init__(self, use_reentrant: bool) -> None:
+        super().__init__(seed=0)
+        self.use_reentrant = use_reentrant
+
+    def configure_model(self) -> None:
+        kwargs = {"use_reentrant": self.use_reentrant}
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def run_ddp_prefix(out: Path, results: dict[str, Any]) -> None:
+    """Prefix tuning (one prefix matrix that every layer uses) under DDP with gradient checkpointing."""
+
+    def fit(use_reentrant: bool, strategy: str | Strategy) -> CheckpointedModule:
+        module = CheckpointedModule(use_reentrant)
+        callbacks = peft_callbacks(prefix())
+        trainer(out, strategy, callbacks, peft=False, enable_checkpointing=False).fit(module)
+        return module
+
+    save_tensors(fit(False, "ddp"), out / f"prefix_rank{rank()}.pt")
+    save_tensors(fit(True, DDPStrategy(static_graph=True)), out / f"prefix_static_rank{rank()}.pt")
+    # reentrant without static_graph: refused at on_fit_start (last: the error ends the process group)
+    expect_error(results, "reentrant_error", lambda: fit(True, "ddp"))
 
 
 def run_fsdp2(out: Path, results: dict[str, Any]) -> None:
@@ -357,7 +406,8 @@ def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
-    {"ddp": run_ddp, "ddp_spawn": run_ddp_spawn, "fsdp2": run_fsdp2}[mode](out, results)
+    modes = {"ddp": run_ddp, "ddp_prefix": run_ddp_prefix, "ddp_spawn": run_ddp_spawn, "fsdp2": run_fsdp2}
+    modes[mode](out, results)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the process group may be gone after an expected error
     (out / f"results_{mode}_rank{local_rank}.json").write_text(json.dumps(results, indent=2))
 

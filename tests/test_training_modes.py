@@ -241,3 +241,20 @@ def test_bf16_mixed_trains_with_fp32_adapter_weights(tmp_path: Path) -> None:
     save_adapter(module, tmp_path / "adapter")
     tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_reentrant_checkpointing_is_detected() -> None:
+    """What the DDP check for prefix tuning relies on (transformers' switch and torch's wrapper)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    from lightning_peft.distributed import _reentrant_checkpointing
+
+    model = tiny_bert()
+    assert not _reentrant_checkpointing(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not _reentrant_checkpointing(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert _reentrant_checkpointing(model)
+    for impl, expected in ((CheckpointImpl.NO_REENTRANT, False), (CheckpointImpl.REENTRANT, True)):
+        wrapped = nn.Sequential(checkpoint_wrapper(nn.Linear(2, 2), checkpoint_impl=impl))
+        assert _reentrant_checkpointing(wrapped) is expected

@@ -38,6 +38,9 @@ class PEFTLayer(nn.Module):
     mergeable: ClassVar[bool] = False
     #: local parameter name -> name used in HF PEFT's adapter_model.safetensors (when they differ)
     peft_names: ClassVar[dict[str, str]] = {}
+    #: whether several transformer layers use one of its parameters (prefix tuning's prefix matrix), which
+    #: DDP cannot reduce under reentrant activation checkpointing without ``static_graph``
+    shared_across_layers: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -86,6 +86,7 @@ class PrefixLayer(VirtualTokenLayer):
     """A transformers backbone whose attention layers all see ``num_virtual_tokens`` learned keys/values."""
 
     peft_names: ClassVar[dict[str, str]] = {"prompt_embeddings": "prompt_embeddings"}
+    shared_across_layers: ClassVar[bool] = True
 
     def __init__(
         self,
