@@ -303,15 +303,17 @@ def run_ddp_spawn(out: Path, results: dict[str, Any]) -> None:
 
 
 class CheckpointedModule(DDPModule):
-    """Gradient checkpointing on every BERT layer, reentrant or not."""
+    """Gradient checkpointing on every BERT layer, reentrant or not; sharded with FSDP2 if asked."""
 
-    def __init__(self, use_reentrant: bool) -> None:
+    def __init__(self, use_reentrant: bool, sharded: bool = False) -> None:
         super().__init__(seed=0)
-        self.use_reentrant = use_reentrant
+        self.use_reentrant, self.sharded = use_reentrant, sharded
 
     def configure_model(self) -> None:
         kwargs = {"use_reentrant": self.use_reentrant}
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if self.sharded:
+            shard(self)
 
 
 def run_ddp_prefix(out: Path, results: dict[str, Any]) -> None:
@@ -368,7 +370,14 @@ def run_fsdp2(out: Path, results: dict[str, Any]) -> None:
     results["mixin_probe"] = probe.info
     save_tensors(mixin, out / f"mixin_rank{rank()}.pt")
 
-    # 5. attaching after fully_shard is refused (last: the error ends the process group)
+    # 5. prefix tuning with reentrant gradient checkpointing (each layer's recompute adds to the prefix's grad)
+    checkpointed = CheckpointedModule(use_reentrant=True, sharded=True)
+    trainer(out, strategy(), peft_callbacks(prefix()), peft=False, enable_checkpointing=False).fit(
+        checkpointed
+    )
+    save_tensors(checkpointed, out / f"prefix_rank{rank()}.pt")
+
+    # 6. attaching after fully_shard is refused (last: the error ends the process group)
     late = trainer(out, strategy(), [], enable_checkpointing=False)
     expect_error(results, "late_error", lambda: late.fit(LateShardModule()))
 
