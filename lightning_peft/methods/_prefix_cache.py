@@ -6,9 +6,9 @@ layer, which breaks activation checkpointing: the backward pass re-runs each lay
 same keys a second time, and transformers therefore drops the cache inside checkpointed layers (GPT-2 even
 at the model level). So whenever gradients are on, the prefix comes from a cache that only *reads*:
 
-* :func:`read_only_cache` is a ``DynamicCache`` holding a detached copy of the prefixes, so that the model's
-  own bookkeeping (``get_seq_length``, mask sizes, positions offset by ``P``) sees them; its ``update`` is
-  replaced by :class:`PrefixKeyValues`, which returns ``[prefix_l; new]`` and stores nothing, so a
+* the backbone's ``DynamicCache`` holds a detached copy of the prefixes, so that the model's own bookkeeping
+  (``get_seq_length``, mask sizes, positions offset by ``P``) sees them, and :func:`make_read_only` replaces
+  its ``update`` by :class:`PrefixKeyValues`'s, which returns ``[prefix_l; new]`` and stores nothing, so a
   recomputed layer gets exactly what it got the first time;
 * :class:`PrefixAttentionHook`, a forward pre-hook on every self-attention module, gives the attention a
   :class:`PrefixKeyValues` when the model passed it no cache (what checkpointed layers receive).
@@ -21,22 +21,27 @@ traversed, and freed, once per layer).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-#: names under which attention modules take their key/value cache, newest transformers first
-ATTENTION_CACHE_KEYS = ("cache", "past_key_values", "past_key_value")
+from lightning_peft.methods._virtual_tokens import CACHE_KEYS, forward_parameters
+
+#: names under which attention modules take their key/value cache (older transformers: the singular)
+ATTENTION_CACHE_KEYS = (*CACHE_KEYS, "past_key_value")
 
 
 class PrefixSource(Protocol):
     """The part of :class:`~lightning_peft.methods.prefix.PrefixLayer` this module needs."""
 
     num_virtual_tokens: int
+    #: the layers that received their prefix through :class:`PrefixKeyValues` in the current forward
+    layers_used: set[int]
 
-    def layer_key_values(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def layer_key_values(
+        self, layer: int, batch: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class PrefixKeyValues:
@@ -49,21 +54,19 @@ class PrefixKeyValues:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states, value_states: (B, kv_heads, S, head_dim)
-        keys, values = self.owner.layer_key_values(layer_idx, key_states)  # (B, kv_heads, P, head_dim)
+        self.owner.layers_used.add(layer_idx)
+        batch, dtype = key_states.shape[0], key_states.dtype
+        keys, values = self.owner.layer_key_values(layer_idx, batch, dtype)  # (B, kv_heads, P, head_dim)
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.owner.num_virtual_tokens
 
 
-def read_only_cache(
-    cache: Any, owner: PrefixSource, prefixes: list[tuple[torch.Tensor, torch.Tensor]]
-) -> Any:
-    """Fill the empty ``cache`` with detached ``prefixes`` (per layer) and make its ``update`` read-only."""
-    for layer, (keys, values) in enumerate(prefixes):
-        cache.update(keys.detach(), values.detach(), layer)
+def make_read_only(cache: Any, owner: PrefixSource) -> None:
+    """``cache`` (filled with the prefix) keeps its length for the model's bookkeeping but stores nothing more:
+    its ``update`` becomes :class:`PrefixKeyValues`'s."""
     cache.update = PrefixKeyValues(owner).update  # an instance attribute: this cache object only
-    return cache
 
 
 class PrefixAttentionHook:
@@ -92,14 +95,7 @@ class PrefixAttentionHook:
 
 
 def _cache_parameter(module: nn.Module) -> tuple[str, int] | None:
-    try:
-        parameters = [
-            p.name
-            for p in inspect.signature(module.forward).parameters.values()
-            if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        ]
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return None
+    parameters = forward_parameters(module)
     keyword = next((k for k in ATTENTION_CACHE_KEYS if k in parameters), None)
     return None if keyword is None else (keyword, parameters.index(keyword))
 
@@ -128,15 +124,14 @@ def self_attention_modules(backbone: nn.Module) -> dict[int, tuple[nn.Module, st
     return layers
 
 
-def install_hooks(owner: nn.Module, backbone: nn.Module, layers: int) -> bool:
-    """Hook every self-attention module of ``backbone``; ``False`` (nothing hooked) unless exactly one per
-    layer ``0 … layers-1`` is found."""
+def install_hooks(owner: nn.Module, backbone: nn.Module, layers: int) -> None:
+    """Hook every self-attention module of ``backbone``; nothing unless exactly one per layer ``0 … layers-1``
+    is found (a checkpointed forward then fails with an error instead of losing the prefix)."""
     attention = self_attention_modules(backbone)
     if sorted(attention) != list(range(layers)):
-        return False
+        return
     for module, keyword, position in attention.values():
         module.register_forward_pre_hook(PrefixAttentionHook(owner, keyword, position), with_kwargs=True)
-    return True
 
 
 def has_hooks(owner: nn.Module, backbone: nn.Module) -> bool:

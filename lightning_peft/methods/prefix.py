@@ -23,6 +23,7 @@ torch's) recomputes every layer exactly; see :mod:`lightning_peft.methods._prefi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_peft.methods._prefix_cache import has_hooks, install_hooks, read_only_cache, remove_hooks
+from lightning_peft.methods._prefix_cache import has_hooks, install_hooks, make_read_only, remove_hooks
 from lightning_peft.methods._virtual_tokens import (
     VirtualTokenLayer,
     cache_keyword,
@@ -114,9 +115,9 @@ class PrefixLayer(VirtualTokenLayer):
             )
         else:
             self.prompt_embeddings = nn.Parameter(torch.randn(num_virtual_tokens, width, **factory))
-        # attention layers that received the prefix during the current forward (see forward's check)
-        self._layers_used: set[int] = set()
-        self.hooked = install_hooks(self, base_layer, geometry.layers)
+        # attention layers that received the prefix from the read-only cache in the current forward
+        self.layers_used: set[int] = set()
+        install_hooks(self, base_layer, geometry.layers)
 
     def prefix_matrix(self) -> torch.Tensor:
         """Θ, shape (P, L·2·d_kv): the plain prefixes (through the MLP with ``prefix_projection``)."""
@@ -131,22 +132,11 @@ class PrefixLayer(VirtualTokenLayer):
         with torch.no_grad():
             return {"prompt_embeddings": self.prefix_matrix().detach().clone()}
 
-    def key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the prefix keys and values as (B, kv_heads, P, head_dim)."""
-        g, p = self.geometry, self.num_virtual_tokens
-        theta = self.prefix_matrix().to(dtype).view(p, g.layers, 2, g.kv_heads, g.head_dim)
-        theta = theta.permute(1, 2, 3, 0, 4)  # (L, 2, kv_heads, P, head_dim)
-        return [
-            (
-                theta[i, 0].unsqueeze(0).expand(batch, -1, -1, -1),
-                theta[i, 1].unsqueeze(0).expand(batch, -1, -1, -1),
-            )
-            for i in range(g.layers)
-        ]
-
-    def layer_key_values(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``layer``'s prefix keys and values, each (B, kv_heads, P, head_dim) with the batch size and
-        dtype of ``like``, computed from the parameters (only this layer's columns of Θ)."""
+    def layer_key_values(
+        self, layer: int, batch: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s prefix keys and values, each (B, kv_heads, P, head_dim), computed from the
+        parameters (only this layer's columns of Θ)."""
         g, p = self.geometry, self.num_virtual_tokens
         width = 2 * g.kv_dim
         columns = slice(layer * width, (layer + 1) * width)
@@ -157,11 +147,7 @@ class PrefixLayer(VirtualTokenLayer):
             )
         else:
             theta = self.prompt_embeddings[:, columns]  # (P, 2·d_kv)
-        theta = (
-            theta.to(like.dtype).reshape(p, 2, g.kv_heads, g.head_dim).permute(1, 2, 0, 3)
-        )  # (2, kv, P, hd)
-        self._layers_used.add(layer)
-        batch = like.shape[0]
+        theta = theta.to(dtype).reshape(p, 2, g.kv_heads, g.head_dim).permute(1, 2, 0, 3)  # (2, kv, P, hd)
         return theta[0].unsqueeze(0).expand(batch, -1, -1, -1), theta[1].unsqueeze(0).expand(
             batch, -1, -1, -1
         )
@@ -190,12 +176,12 @@ class PrefixLayer(VirtualTokenLayer):
             # the model's compute dtype (it may have been cast after the prefix was created)
             weight = self.base_layer.get_input_embeddings().weight
             dtype = weight.dtype if weight.is_floating_point() else torch.float32
+            # read-only: the filled-in prefix only sizes the cache (length, masks); update() hands out the prefix
+            with torch.no_grad() if read_only else contextlib.nullcontext():
+                for layer in range(self.geometry.layers):
+                    cache.update(*self.layer_key_values(layer, batch, dtype), layer)
             if read_only:
-                with torch.no_grad():
-                    cache = read_only_cache(cache, self, self.key_values(batch, dtype))
-            else:
-                for layer, (keys, values) in enumerate(self.key_values(batch, dtype)):
-                    cache.update(keys, values, layer)
+                make_read_only(cache, self)
         past = self.cache_length(cache)  # P + real tokens seen before this call
         mask = kwargs.get("attention_mask")
         if mask is None:
@@ -205,20 +191,20 @@ class PrefixLayer(VirtualTokenLayer):
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + p
         kwargs[self._cache_key] = cache
-        self._layers_used = set()
+        self.layers_used = set()
         name = type(self.base_layer).__name__
         try:
             output = self.base_layer(**kwargs)
         except (RuntimeError, ValueError) as error:
             # without a prefix the keys are P shorter than the mask: name the cause, not the shape mismatch
-            if read_only and not self._layers_used and not has_hooks(self, self.base_layer):
+            if read_only and not self.layers_used and not has_hooks(self, self.base_layer):
                 raise RuntimeError(f"{name}: the attention layers got no prefix: {NO_HOOK}") from error
             raise
-        if read_only and len(self._layers_used) < self.geometry.layers:
-            missing = sorted(set(range(self.geometry.layers)) - self._layers_used)
+        if read_only and len(self.layers_used) < self.geometry.layers:
+            missing = sorted(set(range(self.geometry.layers)) - self.layers_used)
             raise RuntimeError(f"{name}: attention layers {missing} got no prefix: {NO_HOOK}")
         # (GPT-2 drops the cache in checkpointed training mode even without gradients: the hooks then gave it)
-        if not read_only and prefilled and self.cache_length(cache) == p and not self._layers_used:
+        if not read_only and prefilled and self.cache_length(cache) == p and not self.layers_used:
             raise RuntimeError(f"{name}: {NO_CACHE}")
         return output
 
