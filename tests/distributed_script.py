@@ -181,9 +181,15 @@ class CountingIO(TorchCheckpointIO):
 
 
 def trainer(
-    out: Path, strategy: str | Strategy, callbacks: list[Callback], peft: bool = True, **kwargs: Any
+    out: Path,
+    strategy: str | Strategy,
+    callbacks: list[Callback],
+    peft: PEFTMethod | bool = True,
+    **kwargs: Any,
 ) -> pl.Trainer:
-    extra = [SeedAtSetup(), PEFTCallback(lora(), verbose=False)] if peft else []
+    """``peft``: the method PEFTCallback attaches (``True``: :func:`lora`), after seeding; ``False``: none."""
+    method = lora() if peft is True else peft
+    extra = [SeedAtSetup(), PEFTCallback(method, verbose=False)] if method else []
     defaults: dict[str, Any] = dict(
         accelerator="cpu",
         devices=2,
@@ -214,18 +220,13 @@ def save_tensors(module: torch.nn.Module, path: Path) -> None:
     torch.save(full_adapter(module), path)
 
 
-def peft_callbacks(method: PEFTMethod) -> list[Callback]:
-    return [SeedAtSetup(), PEFTCallback(method, verbose=False)]
-
-
 @functools.cache
 def reference_adapter(epochs: int = EPOCHS, method: str = "lora") -> dict[str, torch.Tensor]:
     """One process, batch 16: what 2 processes x batch 8 must reproduce (computed once per process)."""
     module = DDPModule(seed=0)
     module.batch_size = BATCH_PER_RANK * 2
-    callbacks = peft_callbacks(METHODS[method]())
     t = trainer(
-        Path("."), "auto", callbacks, peft=False, devices=1, max_epochs=epochs, enable_checkpointing=False
+        Path("."), "auto", [], METHODS[method](), devices=1, max_epochs=epochs, enable_checkpointing=False
     )
     t.fit(module)
     return full_adapter(module)
@@ -262,26 +263,16 @@ def run_ddp(out: Path, results: dict[str, Any]) -> None:
 
     # 3. an adapter on the pooler, which the loss ignores: DDP with find_unused_parameters=True trains ...
     unused_lora = LoRA(r=4, target_modules=["query", "pooler.dense"])
-    t = trainer(
-        out,
-        "ddp_find_unused_parameters_true",
-        [PEFTCallback(unused_lora, verbose=False)],
-        peft=False,
-        max_epochs=1,
-        enable_checkpointing=False,
-    )
+
+    def unused(strategy: str) -> pl.Trainer:
+        return trainer(out, strategy, [], unused_lora, max_epochs=1, enable_checkpointing=False)
+
+    t = unused("ddp_find_unused_parameters_true")
     t.fit(CLSOnlyModule(seed=0))
     results["unused_find_true_steps"] = t.global_step
 
     # ... plain DDP stops at the first backward with an error naming the module (last: it ends the group)
-    t = trainer(
-        out,
-        "ddp",
-        [PEFTCallback(unused_lora, verbose=False)],
-        peft=False,
-        max_epochs=1,
-        enable_checkpointing=False,
-    )
+    t = unused("ddp")
     expect_error(results, "unused_error", lambda: t.fit(CLSOnlyModule(seed=0)))
     results["unused_steps"] = t.global_step
 
@@ -321,8 +312,7 @@ def run_ddp_prefix(out: Path, results: dict[str, Any]) -> None:
 
     def fit(use_reentrant: bool, strategy: str | Strategy) -> CheckpointedModule:
         module = CheckpointedModule(use_reentrant)
-        callbacks = peft_callbacks(prefix())
-        trainer(out, strategy, callbacks, peft=False, enable_checkpointing=False).fit(module)
+        trainer(out, strategy, [], prefix(), enable_checkpointing=False).fit(module)
         return module
 
     save_tensors(fit(False, "ddp"), out / f"prefix_rank{rank()}.pt")
@@ -372,9 +362,7 @@ def run_fsdp2(out: Path, results: dict[str, Any]) -> None:
 
     # 5. prefix tuning with reentrant gradient checkpointing (each layer's recompute adds to the prefix's grad)
     checkpointed = CheckpointedModule(use_reentrant=True, sharded=True)
-    trainer(out, strategy(), peft_callbacks(prefix()), peft=False, enable_checkpointing=False).fit(
-        checkpointed
-    )
+    trainer(out, strategy(), [], prefix(), enable_checkpointing=False).fit(checkpointed)
     save_tensors(checkpointed, out / f"prefix_rank{rank()}.pt")
 
     # 6. attaching after fully_shard is refused (last: the error ends the process group)

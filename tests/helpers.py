@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -238,3 +238,55 @@ def peft_loads_our_folder(
     loaded = peft.PeftModel.from_pretrained(base, str(folder))
     torch.testing.assert_close(model_output(loaded, batch), expected, atol=1e-5, rtol=0)
     return loaded
+
+
+# -- prompt and prefix tuning ---------------------------------------------------------------------------
+L = TypeVar("L", bound=nn.Module)
+
+
+def tiny_with(kind: str, method: Any, seed: int = 0) -> nn.Module:
+    """A tiny model of ``kind`` with ``method`` attached, its random init seeded by ``seed``."""
+    from lightning_peft import apply_peft
+
+    model = TINY_MODELS[kind](seed=seed)
+    torch.manual_seed(seed)
+    apply_peft(model, method)
+    return model
+
+
+def only_layer(model: nn.Module, layer_type: type[L]) -> L:
+    """The one attached layer of ``layer_type`` (the wrapper that prompt and prefix tuning put in)."""
+    from lightning_peft.model import peft_layers
+
+    layers = [layer for _, layer in peft_layers(model) if isinstance(layer, layer_type)]
+    assert len(layers) == 1
+    return layers[0]
+
+
+class EmbeddingsAtStart(pl.Callback):
+    """Records ``prompt_embeddings`` of the module's one ``layer_type`` layer once training starts."""
+
+    def __init__(self, layer_type: type[nn.Module]) -> None:
+        self.layer_type = layer_type
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.value = only_layer(pl_module, self.layer_type).prompt_embeddings.detach().clone()
+
+
+def greedy_by_hand(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding with a full forward pass per token and no cache."""
+    for _ in range(steps):
+        with torch.no_grad():
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids
+
+
+def generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int = 6) -> torch.Tensor:
+    """Greedy ``generate()`` for exactly ``steps`` tokens (no end-of-sequence token stops it early)."""
+    model.generation_config.eos_token_id = None
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0
+    )

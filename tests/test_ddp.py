@@ -143,16 +143,9 @@ def test_ddp_spawn(tmp_path: Path) -> None:
 def test_unused_adapter_warns_in_a_single_process(tmp_path: Path) -> None:
     import distributed_script
 
-    from lightning_peft import PEFTCallback
-
+    unused_lora = LoRA(r=4, target_modules=["query", "pooler.dense"])
     trainer = distributed_script.trainer(
-        tmp_path,
-        "auto",
-        [PEFTCallback(LoRA(r=4, target_modules=["query", "pooler.dense"]), verbose=False)],
-        peft=False,
-        devices=1,
-        max_epochs=1,
-        enable_checkpointing=False,
+        tmp_path, "auto", [], unused_lora, devices=1, max_epochs=1, enable_checkpointing=False
     )
     with pytest.warns(UserWarning, match=r"no gradient.*model\.bert\.pooler\.dense"):
         trainer.fit(distributed_script.CLSOnlyModule(seed=0))

@@ -8,8 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODELS, VOCAB, HFModule, fast_trainer, hf_loader, model_output, tiny_batch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from helpers import (
+    TINY_MODELS,
+    VOCAB,
+    EmbeddingsAtStart,
+    HFModule,
+    fast_trainer,
+    generate,
+    greedy_by_hand,
+    hf_loader,
+    model_output,
+    only_layer,
+    tiny_batch,
+    tiny_with,
+)
 from torch import nn
 from torch.nn import functional as F
 
@@ -33,23 +45,11 @@ WIDTH = {"bert": 2 * 2 * 32, "gpt2": 2 * 2 * 32, "llama": 2 * 2 * 16}
 
 
 def prefix_layer(model: nn.Module) -> PrefixLayer:
-    layers = [layer for _, layer in peft_layers(model) if isinstance(layer, PrefixLayer)]
-    assert len(layers) == 1
-    return layers[0]
-
-
-class PrefixAtStart(Callback):
-    """Records the prefix that PEFTCallback created, once training starts."""
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.prefix = prefix_layer(pl_module).prompt_embeddings.detach().clone()
+    return only_layer(model, PrefixLayer)
 
 
 def with_prefix(kind: str, seed: int = 0, **kwargs: object) -> nn.Module:
-    model = TINY_MODELS[kind](seed=seed)
-    torch.manual_seed(seed)
-    apply_peft(model, PrefixTuning(num_virtual_tokens=P, **kwargs))  # type: ignore[arg-type]
-    return model.eval()
+    return tiny_with(kind, PrefixTuning(num_virtual_tokens=P, **kwargs), seed).eval()  # type: ignore[arg-type]
 
 
 def peft_oracle(kind: str, layer: PrefixLayer, projection: bool = False) -> nn.Module:
@@ -188,24 +188,6 @@ def test_reparameterisation_matches_peft_and_folds() -> None:
 
 
 # -- generation --------------------------------------------------------------------------------------
-def greedy_by_hand(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy decoding with a full forward pass per token and no cache."""
-    for _ in range(steps):
-        with torch.no_grad():
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-    return ids
-
-
-def generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int = 6) -> torch.Tensor:
-    model.generation_config.eos_token_id = None  # always exactly `steps` new tokens
-    return model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0
-    )
-
-
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_generate_matches_greedy_decoding_by_hand_and_peft(kind: str) -> None:
     model = with_prefix(kind)
@@ -240,12 +222,12 @@ def test_the_returned_cache_carries_the_prefix_into_the_next_call() -> None:
 def test_training_changes_only_the_prefix(tmp_path: Path, kind: str) -> None:
     module = HFModule(kind, lr=1e-2)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    start = PrefixAtStart()
+    start = EmbeddingsAtStart(PrefixLayer)
     trainer = fast_trainer(
         tmp_path, max_steps=3, callbacks=[PEFTCallback(PrefixTuning(num_virtual_tokens=P)), start]
     )
     trainer.fit(module, hf_loader(kind))
-    assert not torch.equal(prefix_layer(module).prompt_embeddings, start.prefix)
+    assert not torch.equal(prefix_layer(module).prompt_embeddings, start.value)
     name = f"model.{module.model.base_model_prefix}.prompt_embeddings"
     assert trainable_parameter_names(module) == [name]
     assert [n for n, p in module.named_parameters() if p.requires_grad] == [name]

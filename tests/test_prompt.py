@@ -6,8 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODELS, VOCAB, HFModule, fast_trainer, hf_loader, model_output, tiny_batch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from helpers import (
+    TINY_MODELS,
+    VOCAB,
+    EmbeddingsAtStart,
+    HFModule,
+    fast_trainer,
+    generate,
+    greedy_by_hand,
+    hf_loader,
+    model_output,
+    only_layer,
+    tiny_batch,
+    tiny_with,
+)
 from torch import nn
 
 from lightning_peft import (
@@ -31,23 +43,11 @@ TASKS = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM"}
 
 
 def prompt_layer(model: nn.Module) -> PromptEmbedding:
-    layers = [layer for _, layer in peft_layers(model) if isinstance(layer, PromptEmbedding)]
-    assert len(layers) == 1
-    return layers[0]
-
-
-class PromptAtStart(Callback):
-    """Records the prompt that PEFTCallback created, once training starts."""
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.prompt = prompt_layer(pl_module).prompt_embeddings.detach().clone()
+    return only_layer(model, PromptEmbedding)
 
 
 def prompted(kind: str, seed: int = 0, **kwargs: object) -> nn.Module:
-    model = TINY_MODELS[kind](seed=seed)
-    torch.manual_seed(seed)
-    apply_peft(model, PromptTuning(num_virtual_tokens=P, **kwargs))  # type: ignore[arg-type]
-    return model
+    return tiny_with(kind, PromptTuning(num_virtual_tokens=P, **kwargs), seed)  # type: ignore[arg-type]
 
 
 def peft_oracle(kind: str, prompt: torch.Tensor) -> nn.Module:
@@ -180,25 +180,6 @@ def test_hidden_states_keep_the_input_length_and_deepcopy_works() -> None:
 
 
 # -- generation --------------------------------------------------------------------------------------
-def greedy_by_hand(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy decoding with a full forward pass per token and no cache."""
-    for _ in range(steps):
-        with torch.no_grad():
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
-    return ids
-
-
-def generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int = 6) -> torch.Tensor:
-    """Greedy ``generate()`` for exactly ``steps`` tokens (no end-of-sequence token stops it early)."""
-    model.generation_config.eos_token_id = None
-    return model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0
-    )
-
-
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_generate_matches_greedy_decoding_by_hand_and_peft(kind: str) -> None:
     model = prompted(kind).eval()
@@ -224,7 +205,7 @@ def test_generate_matches_greedy_decoding_by_hand_and_peft(kind: str) -> None:
 def test_training_changes_only_the_prompt(tmp_path: Path, kind: str) -> None:
     module = HFModule(kind, lr=1e-2)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    start = PromptAtStart()
+    start = EmbeddingsAtStart(PromptEmbedding)
     trainer = fast_trainer(
         tmp_path, max_steps=3, callbacks=[PEFTCallback(PromptTuning(num_virtual_tokens=P)), start]
     )
@@ -235,7 +216,7 @@ def test_training_changes_only_the_prompt(tmp_path: Path, kind: str) -> None:
     after = {n.replace(".base_layer.", "."): p for n, p in module.named_parameters()}
     for name, value in before.items():
         assert torch.equal(after[name], value), name
-    assert not torch.equal(layer.prompt_embeddings, start.prompt)
+    assert not torch.equal(layer.prompt_embeddings, start.value)
     module.eval()
     batch = tiny_batch(kind)
     trained = model_output(module.model, batch)
