@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -239,10 +238,13 @@ def test_label_names_and_prediction_rows() -> None:
         prediction_rows([torch.zeros(3)])
 
 
-def _env() -> dict[str, Any]:
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` offline in ``cwd`` (with the repository importable); fail with its stderr."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 def test_console_script_fit_then_classify_from_any_directory(tmp_path: Path) -> None:
@@ -250,26 +252,13 @@ def test_console_script_fit_then_classify_from_any_directory(tmp_path: Path) -> 
     if not script.is_file():
         pytest.skip("the lightning-peft console script is not installed (pip install -e .)")
     config = str(CONFIGS / "sst2_lora.yaml")
-    fit = subprocess.run(
-        [str(script), "fit", "--config", config, *short(tmp_path)[2:]],
-        cwd=tmp_path,  # logger save_dir "runs" is relative to here; the data default is not
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert fit.returncode == 0, fit.stderr[-3000:]
+    # cwd: the logger's save_dir "runs" is relative to it; the data default is not
+    _run([str(script), "fit", "--config", config, *short(tmp_path)[2:]], cwd=tmp_path)
     adapters = list((tmp_path / "runs" / "sst2_lora").glob("version_*/adapter"))
     assert len(adapters) == 1
-    classify = subprocess.run(
-        [str(script), "classify", "--adapter", str(adapters[0]), "a moving film", "a dull film"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    classify = _run(
+        [str(script), "classify", "--adapter", str(adapters[0]), "a moving film", "a dull film"], tmp_path
     )
-    assert classify.returncode == 0, classify.stderr[-3000:]
     rows = [json.loads(line) for line in classify.stdout.splitlines()]
     assert [r["text"] for r in rows] == ["a moving film", "a dull film"]
     assert all(r["label"] in ("negative", "positive") and 0.5 <= r["score"] <= 1 for r in rows)
@@ -342,15 +331,7 @@ model:
 def test_user_lightning_cli_script_with_peft_callback_in_yaml(tmp_path: Path) -> None:
     (tmp_path / "user_cli.py").write_text(USER_SCRIPT)
     (tmp_path / "peft.yaml").write_text(USER_CONFIG)
-    done = subprocess.run(
-        [sys.executable, "user_cli.py", "fit", "--config", "peft.yaml"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run([sys.executable, "user_cli.py", "fit", "--config", "peft.yaml"], tmp_path)
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
     expected = {
         f"model.bert.encoder.layer.{i}.attention.self.{proj}.{ab}"
