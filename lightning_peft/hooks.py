@@ -67,9 +67,9 @@ def report(methods: Sequence[PEFTMethod], counts: ParameterCount, trainer: pl.Tr
 def mark_fresh(module: nn.Module, trainer: pl.Trainer | None) -> None:
     """A validate/test/predict run attached a new adapter: unless a checkpoint is loaded before its loop
     starts, the run evaluates the adapter's initial values."""
-    stage = getattr(getattr(getattr(trainer, "state", None), "fn", None), "value", None)
-    if stage in ("validate", "test", "predict"):
-        module.__dict__[_FRESH] = stage
+    stage = trainer.state.fn if trainer is not None else None
+    if stage in ("validate", "test", "predict"):  # TrainerFn is a str enum
+        module.__dict__[_FRESH] = str(stage.value)  # type: ignore[union-attr]
 
 
 def mark_loaded(module: nn.Module) -> None:

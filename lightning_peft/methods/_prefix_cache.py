@@ -134,17 +134,21 @@ def install_hooks(owner: nn.Module, backbone: nn.Module, layers: int) -> None:
         module.register_forward_pre_hook(PrefixAttentionHook(owner, keyword, position), with_kwargs=True)
 
 
+def _hooks_of(owner: nn.Module, backbone: nn.Module) -> list[tuple[nn.Module, int]]:
+    """``(module, hook id)`` of every :class:`PrefixAttentionHook` of ``owner`` in ``backbone``."""
+    return [
+        (module, key)
+        for module in backbone.modules()
+        for key, hook in module._forward_pre_hooks.items()
+        if isinstance(hook, PrefixAttentionHook) and hook.owner is owner
+    ]
+
+
 def has_hooks(owner: nn.Module, backbone: nn.Module) -> bool:
-    return any(
-        isinstance(h, PrefixAttentionHook) and h.owner is owner
-        for m in backbone.modules()
-        for h in m._forward_pre_hooks.values()
-    )
+    return bool(_hooks_of(owner, backbone))
 
 
 def remove_hooks(owner: nn.Module, backbone: nn.Module) -> None:
-    for module in backbone.modules():
-        hooks = module._forward_pre_hooks
-        for key in [k for k, h in hooks.items() if isinstance(h, PrefixAttentionHook) and h.owner is owner]:
-            del hooks[key]
-            module._forward_pre_hooks_with_kwargs.pop(key, None)
+    for module, key in _hooks_of(owner, backbone):
+        del module._forward_pre_hooks[key]
+        module._forward_pre_hooks_with_kwargs.pop(key, None)

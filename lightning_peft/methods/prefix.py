@@ -148,9 +148,8 @@ class PrefixLayer(VirtualTokenLayer):
         else:
             theta = self.prompt_embeddings[:, columns]  # (P, 2·d_kv)
         theta = theta.to(dtype).reshape(p, 2, g.kv_heads, g.head_dim).permute(1, 2, 0, 3)  # (2, kv, P, hd)
-        return theta[0].unsqueeze(0).expand(batch, -1, -1, -1), theta[1].unsqueeze(0).expand(
-            batch, -1, -1, -1
-        )
+        keys, values = theta.unsqueeze(1).expand(-1, batch, -1, -1, -1)  # each (B, kv_heads, P, head_dim)
+        return keys, values
 
     def unload(self) -> nn.Module:
         remove_hooks(self, self.base_layer)
@@ -166,8 +165,8 @@ class PrefixLayer(VirtualTokenLayer):
         cache = self.pop_cache(kwargs)
         p = self.num_virtual_tokens
         batch, length, device = self.batch_and_length(kwargs)
-        # with gradients on and no cache from the caller (training), a cache that only reads: layers that are
-        # recomputed for activation checkpointing see the same keys twice (see _prefix_cache)
+        # with gradients on and no cache from the caller (training), a cache that only reads, so that a layer
+        # recomputed for activation checkpointing does not append its keys twice (see _prefix_cache)
         read_only = cache is None and torch.is_grad_enabled()
         # an empty cache (training, or the first step of generate) gets the prefix; a filled one has it
         prefilled = self.cache_length(cache) == 0
