@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_peft.io import ADAPTER_CONFIG, save_adapter
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.model import attached_methods, is_attached
+from lightning_peft.safe_load import refusing_pickles
 
 
 def _configure_jsonargparse() -> None:
@@ -78,17 +79,42 @@ class PEFTLightningCLI(LightningCLI):
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
+    # a checkpoint named by --ckpt_path is read with weights_only=True; a refused one gets our message
+    def _parse_ckpt_path(self) -> None:
+        ckpt_path = (self.config.get(self.config.get("subcommand") or "") or {}).get("ckpt_path")
+        with refusing_pickles(ckpt_path):
+            super()._parse_ckpt_path()  # reads the checkpoint's hyper_parameters
+
+    def _read_checkpoint_safely(self, run: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        if kwargs.get("weights_only") is None and "weights_only" in kwargs:
+            kwargs["weights_only"] = True  # whatever torch's default is
+        with refusing_pickles(kwargs.get("ckpt_path")):
+            return run(**kwargs)
+
+    def fit(self, **kwargs: Any) -> None:
+        self._read_checkpoint_safely(self.trainer.fit, kwargs)
+
+    def validate(self, **kwargs: Any) -> None:
+        self._read_checkpoint_safely(self.trainer.validate, kwargs)
+
+    def test(self, **kwargs: Any) -> None:
+        self._read_checkpoint_safely(self.trainer.test, kwargs)
+
     def after_fit(self) -> None:
-        if not is_attached(self.model) or not self.trainer.is_global_zero:
+        if not is_attached(self.model):
             return
-        folder = save_adapter(self.model, self._log_dir() / "adapter")
+        # every rank: save_adapter gathers sharded (FSDP2) tensors, a collective; it writes on rank 0 only
+        folder = self.trainer.strategy.broadcast(str(self._log_dir() / "adapter"))
+        folder = save_adapter(self.model, folder)
+        if not self.trainer.is_global_zero:
+            return
         hparams = getattr(self.model, "hparams", {})
         record_metadata(folder, hparams.get("model_name_or_path"), label_names(self.model))
         rank_zero_info(f"lightning-peft: adapter saved to {folder}")
 
     def predict(self, **kwargs: Any) -> None:
         # Trainer.predict's return value is dropped by LightningCLI; keep it to write it out
-        predictions = self.trainer.predict(**kwargs)
+        predictions = self._read_checkpoint_safely(self.trainer.predict, kwargs)
         if not self.trainer.is_global_zero or predictions is None:
             return
         labels = label_names(self.model)

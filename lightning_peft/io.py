@@ -31,6 +31,7 @@ from lightning_peft.model import (
     state_dict_key,
     trainable_parameter_names,
 )
+from lightning_peft.safe_load import load_checkpoint_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -258,7 +259,7 @@ def load_peft_checkpoint(
     ``__init__``, and ``configure_model`` if it defines one); the adapter and its configuration come from
     the file (or ``method``). The model is returned in eval mode.
     """
-    checkpoint = torch.load(str(checkpoint_path), map_location=map_location, weights_only=False)
+    checkpoint = load_checkpoint_file(checkpoint_path, map_location)  # never unpickles
     kwargs = dict(checkpoint.get("hyper_parameters") or {})
     kwargs.update(init_kwargs)
     signature = inspect.signature(module_class.__init__)

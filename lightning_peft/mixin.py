@@ -11,6 +11,7 @@ from lightning_peft.io import filter_checkpoint, prepare_checkpoint_load
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.model import as_method_list, is_attached
 from lightning_peft.optim import fix_optimizers
+from lightning_peft.safe_load import refusing_pickles
 
 
 class PEFTMixin:
@@ -26,6 +27,14 @@ class PEFTMixin:
     """
 
     peft_method: PEFTMethod | list[PEFTMethod] | None = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """``LightningModule.load_from_checkpoint`` that never unpickles: ``weights_only=True`` (unless passed
+        explicitly) with the method classes allowed; a refused file raises ``UnsafeFileError``."""
+        kwargs.setdefault("weights_only", True)
+        with refusing_pickles(checkpoint_path):
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
 
     def configure_peft(self) -> PEFTMethod | list[PEFTMethod] | None:
         """The method(s) to attach; defaults to ``self.peft_method``."""

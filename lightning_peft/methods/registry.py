@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -34,6 +35,18 @@ def get_method_class(name: str) -> type[PEFTMethod]:
 
 def method_from_dict(data: dict[str, Any]) -> PEFTMethod:
     """Rebuild a configuration written by ``PEFTMethod.to_dict``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a method configuration must be a JSON object, got {type(data).__name__}: {data!r}")
     data = dict(data)
-    cls = get_method_class(data.pop("method", ""))
+    name = data.pop("method", "")
+    if not isinstance(name, str):
+        raise ValueError(f"method must be one of {available_methods()}, got {name!r}")
+    # only a registered class is ever built: nothing named in a file is imported or called
+    cls = get_method_class(name)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(
+            f"{name}: unknown field {unknown[0]!r} in the configuration; allowed: {sorted(fields)}"
+        )
     return cls(**data)

@@ -1,0 +1,79 @@
+"""Reading ``.ckpt`` files without unpickling: every checkpoint reader of the library goes through here.
+
+``torch.load(weights_only=True)`` rebuilds only tensors, primitive containers and numbers, and the classes on
+an allowlist; anything else in the file (a pickled function call, an arbitrary class) is refused *before* it
+is built, so nothing named in the file is imported or run. A Lightning checkpoint written by lightning-peft
+holds only such values: tensors, the optimizer's state, loop counters, callback state, the
+``hyper_parameters`` the module saved (strings, numbers, lists) and the method configurations, which are
+plain dictionaries rebuilt through the method registry (:func:`lightning_peft.methods.method_from_dict`).
+
+The allowlist is :data:`SAFE_GLOBALS`: the registered method classes (a module that saves ``LoRA(...)`` as a
+hyperparameter) and a few standard-library value types that Lightning or users commonly put in
+``hyper_parameters``. Building any of them runs no code beyond setting fields (dataclass ``__post_init__``
+validation for the methods). A checkpoint holding anything else is refused with :class:`UnsafeFileError`,
+which names the object; load such a file only if you trust where it came from, yourself, with
+``torch.load(..., weights_only=False)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+#: standard-library value types allowed in a checkpoint besides what ``weights_only=True`` allows anyway
+SAFE_STDLIB_GLOBALS: list[Any] = [pathlib.PosixPath, pathlib.PurePosixPath]
+
+
+class UnsafeFileError(ValueError):
+    """A file was refused because reading it would unpickle an object that is not on the allowlist."""
+
+
+def safe_globals() -> list[Any]:
+    """The allowlist: registered method classes plus :data:`SAFE_STDLIB_GLOBALS`."""
+    from lightning_peft.methods.registry import _REGISTRY
+
+    return [*_REGISTRY.values(), *SAFE_STDLIB_GLOBALS]
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with the allowlist; a refused file raises
+    :class:`UnsafeFileError` naming the file and the object it holds. Never unpickles."""
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise unsafe_error(path, error) from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"{os.fspath(path)}: a checkpoint must hold a dict, found {type(checkpoint).__name__}"
+        )
+    return checkpoint
+
+
+def unsafe_error(path: str | os.PathLike | None, error: BaseException) -> UnsafeFileError:
+    """The refusal message for a file that ``weights_only=True`` would not read."""
+    detail = str(error).split("\n")
+    culprit = next((line.strip() for line in detail if "Unsupported" in line or "GLOBAL" in line), detail[0])
+    where = f"{os.fspath(path)}: " if path is not None else ""
+    return UnsafeFileError(
+        f"{where}refused: the file holds a pickled object that lightning-peft will not build ({culprit}). "
+        "lightning-peft reads checkpoints with torch.load(weights_only=True) only, so a file cannot run code "
+        "on load; load it with weights_only=False yourself only if you trust its origin (docs/security.md)"
+    )
+
+
+@contextlib.contextmanager
+def refusing_pickles(path: Any) -> Iterator[None]:
+    """Around a ``torch.load(weights_only=True)`` done by someone else (Lightning's ``load_from_checkpoint``):
+    allow :func:`safe_globals` and turn a refusal into :class:`UnsafeFileError`."""
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            yield
+    except pickle.UnpicklingError as error:
+        raise unsafe_error(path if isinstance(path, (str, os.PathLike)) else None, error) from None
