@@ -47,7 +47,9 @@ class ParameterCount:
 
 
 def as_method_list(methods: PEFTMethod | Sequence[PEFTMethod]) -> list[PEFTMethod]:
-    items = [methods] if isinstance(methods, PEFTMethod) else list(methods)
+    # a string or a dict is one (wrong) item, not a sequence of them
+    single = isinstance(methods, (PEFTMethod, str, bytes, dict)) or not isinstance(methods, Sequence)
+    items = [methods] if single else list(methods)
     if not items:
         raise ValueError("method must be a PEFT method configuration or a non-empty list of them, got []")
     for item in items:

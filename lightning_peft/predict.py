@@ -276,9 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
 def read_texts(file: str | None, texts: Sequence[str]) -> list[str]:
     lines = list(texts)
     if file is not None:
-        handle = sys.stdin if file == "-" else open(file, encoding="utf-8")  # noqa: SIM115
-        with handle:
-            lines += [line.rstrip("\n") for line in handle if line.strip()]
+        data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            raise UnicodeDecodeError(
+                error.encoding, error.object, error.start, error.end,
+                f"not UTF-8 text (byte 0x{data[error.start]:02x} on line {line} cannot be decoded)",
+            ) from None  # fmt: skip
+        lines += [line for line in text.splitlines() if line.strip()]
     return lines
 
 
@@ -297,9 +304,15 @@ def format_rows(texts: Sequence[str], rows: Sequence[dict[str, Any]], fmt: str) 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
-    texts = read_texts(args.file, args.texts)
+    try:
+        texts = read_texts(args.file, args.texts)
+    except (OSError, UnicodeDecodeError) as error:
+        parser.error(f"--file {args.file}: {error}")
     if not texts:
         parser.error("give texts to classify, or --file")
+    empty = [i for i, text in enumerate(args.texts, 1) if not text.strip()]
+    if empty:
+        parser.error(f"text {empty[0]} is empty; give non-empty texts to classify")
     labels = [name.strip() for name in args.labels.split(",")] if args.labels else None
     try:
         pipeline = TextClassifierPipeline.from_adapter(

@@ -156,6 +156,19 @@ def hf_loader(kind: str, n: int = 16, batch_size: int = 4) -> DataLoader:
     return DataLoader(DictDataset(kind, n), batch_size=batch_size, shuffle=False)
 
 
+class TinyBertData(pl.LightningDataModule):
+    """Tiny BERT batches as a data module (what a LightningCLI config names by class_path)."""
+
+    def train_dataloader(self) -> DataLoader:
+        return hf_loader("bert", n=8)
+
+    def val_dataloader(self) -> DataLoader:
+        return hf_loader("bert", n=4)
+
+    def predict_dataloader(self) -> DataLoader:
+        return hf_loader("bert", n=4)
+
+
 class MLP(nn.Module):
     def __init__(self, d_in: int = 8, hidden: int = 16, d_out: int = 2) -> None:
         super().__init__()

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import HFModule, fast_trainer, hf_loader
@@ -128,7 +127,7 @@ def test_lightning_cli_ckpt_path_refuses(payload: tuple[Path, Path], tmp_path: P
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     args = [
         "--model", "test_mixin.LoRAClassifier",
-        "--data", "test_untrusted.TinyData",
+        "--data", "helpers.TinyBertData",
         "--trainer.logger", "false",
         "--trainer.default_root_dir", str(tmp_path),
         "--trainer.enable_progress_bar", "false",
@@ -139,16 +138,6 @@ def test_lightning_cli_ckpt_path_refuses(payload: tuple[Path, Path], tmp_path: P
             cli([subcommand, *args])
         check_refused(info.value, path)
     assert not marker.exists()
-
-
-class TinyData(pl.LightningDataModule):
-    """A data module the CLI can name by class_path."""
-
-    def val_dataloader(self) -> Any:
-        return hf_loader("bert", n=4)
-
-    def predict_dataloader(self) -> Any:
-        return hf_loader("bert", n=4)
 
 
 # -- adapter folders: JSON builds only registered method classes ------------------------------------------
