@@ -41,11 +41,18 @@ def safe_globals() -> list[Any]:
     return [*_REGISTRY.values(), *SAFE_STDLIB_GLOBALS]
 
 
+def _allowing() -> Any:
+    """A context allowing :func:`safe_globals`. torch's context manager *removes* its globals on exit, so it
+    is given only those not registered already (the method classes are, globally, by ``register_method``)."""
+    present = torch.serialization.get_safe_globals()
+    return torch.serialization.safe_globals([g for g in safe_globals() if g not in present])
+
+
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with the allowlist; a refused file raises
     :class:`UnsafeFileError` naming the file and the object it holds. Never unpickles."""
     try:
-        with torch.serialization.safe_globals(safe_globals()):
+        with _allowing():
             checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise unsafe_error(path, error) from None
@@ -73,7 +80,7 @@ def refusing_pickles(path: Any) -> Iterator[None]:
     """Around a ``torch.load(weights_only=True)`` done by someone else (Lightning's ``load_from_checkpoint``):
     allow :func:`safe_globals` and turn a refusal into :class:`UnsafeFileError`."""
     try:
-        with torch.serialization.safe_globals(safe_globals()):
+        with _allowing():
             yield
     except pickle.UnpicklingError as error:
         raise unsafe_error(path if isinstance(path, (str, os.PathLike)) else None, error) from None

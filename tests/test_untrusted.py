@@ -190,3 +190,12 @@ def test_callback_checkpoint_refused_by_trainer_resume(payload: tuple[Path, Path
     with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
         trainer.fit(HFModule(), hf_loader("bert", n=4), ckpt_path=path)
     assert not marker.exists()
+
+
+def test_reading_keeps_the_method_classes_registered(good_checkpoint: Path) -> None:
+    """torch's safe_globals context removes its globals on exit: the readers must not unregister ours."""
+    before = set(map(id, torch.serialization.get_safe_globals()))
+    load_peft_checkpoint(LoRAClassifier, good_checkpoint)
+    LoRAClassifier.load_from_checkpoint(good_checkpoint)
+    assert set(map(id, torch.serialization.get_safe_globals())) == before
+    assert LoRA in torch.serialization.get_safe_globals()
