@@ -32,7 +32,14 @@ def _siblings(dest: Path, tag: str) -> list[Path]:
     if not parent.is_dir():
         return []
     prefix = f".{dest.name}{tag}"
-    return sorted((p for p in parent.iterdir() if p.name.startswith(prefix)), key=lambda p: p.stat().st_mtime)
+    found = []
+    for path in parent.iterdir():
+        if path.name.startswith(prefix):
+            try:
+                found.append((path.stat().st_mtime, path))
+            except FileNotFoundError:  # removed meanwhile by a finishing save
+                continue
+    return [path for _, path in sorted(found)]
 
 
 def recover(dest: str | os.PathLike) -> None:
@@ -85,9 +92,15 @@ def replace_folder(dest: str | os.PathLike, write: Callable[[Path], None]) -> Pa
 
     If ``write`` raises, ``dest`` is left exactly as it was and the temporary folder is removed.
     """
-    dest = Path(dest)
+    dest = Path(os.path.abspath(dest))
     if dest.exists() and not dest.is_dir():
         raise NotADirectoryError(f"path={str(dest)!r} exists and is not a folder")
+    cwd = Path.cwd().resolve()
+    if dest.exists() and (cwd == dest.resolve() or dest.resolve() in cwd.parents):
+        raise ValueError(
+            f"path={str(dest)!r} is (or holds) the working directory, which a save replaces as a whole; "
+            "name a folder for the adapter, e.g. 'adapter/'"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover(dest)
     for stale in _siblings(dest, TMP_TAG) + _siblings(dest, OLD_TAG):

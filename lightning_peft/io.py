@@ -141,7 +141,8 @@ def save_adapter(model: nn.Module, path: PathLike) -> Path:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
-    return replace_folder(folder, write)  # the folder is replaced as a unit: old or new, never torn
+    replace_folder(folder, write)  # the folder is replaced as a unit: old or new, never torn
+    return folder
 
 
 def read_adapter_config(path: PathLike) -> list[PEFTMethod]:

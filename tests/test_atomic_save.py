@@ -130,3 +130,11 @@ def test_save_onto_a_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(NotADirectoryError, match="is not a folder"):
         save_adapter(lora_mlp(), tmp_path / "adapter")
     assert (tmp_path / "adapter").read_text() == "not a folder"
+
+
+def test_save_into_the_working_directory_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="working directory"):
+        save_adapter(lora_mlp(), ".")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

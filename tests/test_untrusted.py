@@ -4,7 +4,6 @@ never runs; nothing in an adapter's JSON can make the library import or call any
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -102,20 +101,15 @@ def test_classify_pipeline_refuses(payload: tuple[Path, Path]) -> None:
 
 
 @pytest.mark.parametrize("command", ["classify", "export-adapter"])
-def test_cli_commands_refuse(command: str, payload: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cli_commands_refuse(command: str, payload: tuple[Path, Path], tmp_path: Path, capsys: Any) -> None:
     path, marker = payload
     args = (
         ["--adapter", str(path), "some text"] if command == "classify" else [str(path), str(tmp_path / "out")]
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_peft.cli", command, *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert result.returncode == 2, result.stderr
-    check_refused(result.stderr.replace("\n", " "), path)
+    with pytest.raises(SystemExit) as info:
+        cli([command, *args])
+    assert info.value.code == 2
+    check_refused(capsys.readouterr().err.replace("\n", " "), path)
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 
