@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_peft.atomic import recover
+from lightning_peft.consistency import read_json
 from lightning_peft.io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -95,7 +96,7 @@ def load_classifier(
     config: dict[str, Any] = {}
     recover(path)  # a folder whose save was killed between its two renames
     if path.is_dir():
-        config = json.loads((path / ADAPTER_CONFIG).read_text()) if (path / ADAPTER_CONFIG).is_file() else {}
+        config = read_json(path / ADAPTER_CONFIG) if (path / ADAPTER_CONFIG).is_file() else {}
         read_adapter_config(path)  # fail early on an unknown method, before loading the base model
         weights = path / ADAPTER_WEIGHTS
         state = (
