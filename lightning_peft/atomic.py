@@ -6,10 +6,11 @@ every file and the folder to disk, and then swaps it in with renames, which are 
 1. no ``dest`` yet: ``rename(tmp, dest)``;
 2. ``dest`` exists: ``rename(dest, .NAME.old-XXXX)``, ``rename(tmp, dest)``, then the old folder is deleted.
 
-A process killed between the two renames of case 2 leaves no ``dest`` but a complete ``.NAME.old-XXXX``;
-:func:`recover` (called by every save and every load) renames it back. Leftover ``.tmp-`` folders are partial
-writes and are ignored by readers and deleted by the next save. Files in ``dest`` that the save does not write
-(a README, a tokenizer) are carried over to the new folder (hard links where possible).
+A process killed between the two renames of case 2 leaves no ``dest``, a complete ``.NAME.old-XXXX`` and the
+complete ``.NAME.tmp-XXXX``; :func:`recover` (called by every save and every load) renames the old folder
+back. Other leftovers (a ``.tmp-`` folder of a killed write, an ``.old-`` folder of a killed clean-up) are
+ignored by readers and deleted by the next save. Files in ``dest`` that the save does not write (a README, a
+tokenizer) are carried over to the new folder (hard links where possible).
 
 One writer per folder at a time (several processes saving to the same folder concurrently are not supported).
 """
@@ -47,8 +48,10 @@ def recover(dest: str | os.PathLike) -> None:
     dest = Path(dest)
     if dest.exists():
         return
+    # mid-swap, the save's temporary folder still exists next to the old one (every save first deletes older
+    # leftovers); an old folder alone is a leftover of a completed swap whose destination was deleted since
     old = [p for p in _siblings(dest, OLD_TAG) if p.is_dir() and any(p.iterdir())]
-    if old:
+    if old and _siblings(dest, TMP_TAG):
         try:
             os.rename(old[-1], dest)
         except OSError:  # another process recovered it first, or dest appeared meanwhile

@@ -138,3 +138,14 @@ def test_save_into_the_working_directory_is_refused(tmp_path: Path, monkeypatch:
     with pytest.raises(ValueError, match="working directory"):
         save_adapter(lora_mlp(), ".")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_deleted_folder_is_not_resurrected_from_a_leftover(tmp_path: Path) -> None:
+    """A save killed after its swap but before deleting the old folder leaves that folder; once the user
+    deletes the adapter, the leftover must not come back."""
+    folder = tmp_path / "adapter"
+    save_adapter(lora_mlp(), folder)
+    os.rename(folder, tmp_path / f".adapter{OLD_TAG}x")  # a leftover with no temporary folder next to it
+    with pytest.raises(FileNotFoundError, match="holds no adapter_config.json"):
+        load_adapter(MLP(d_in=64, hidden=256), folder)
+    assert not folder.exists()
