@@ -8,6 +8,7 @@ in the JSON gets an error naming the field instead of the header silently winnin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,14 @@ PEFT_JSON_FIELDS: dict[str, dict[str, str]] = {
 }
 
 
+#: fields that only decide an adapter's *initial* values, per method name. A file provides the values, so a
+#: configuration read from a file has them reset: a prompt's init text would otherwise make loading fetch the
+#: tokenizer that the file names (a path or a hub name chosen by whoever wrote the file)
+INIT_ONLY_FIELDS: dict[str, dict[str, Any]] = {
+    "prompt": {"init": "random", "init_text": None, "tokenizer_name_or_path": None},
+}
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; errors name the file."""
     try:
@@ -55,9 +64,10 @@ def methods_from(meta: Any, source: str) -> list[PEFTMethod]:
             f"{source}: 'methods' must be a non-empty list of method configurations, got {methods!r}"
         )
     try:
-        return [method_from_dict(d) for d in methods]
+        built = [method_from_dict(d) for d in methods]
     except (TypeError, ValueError) as error:
         raise ValueError(f"{source}: {error}") from None
+    return [dataclasses.replace(m, **INIT_ONLY_FIELDS.get(m.method_name, {})) for m in built]
 
 
 def _differing_field(a: dict[str, Any], b: dict[str, Any]) -> str | None:

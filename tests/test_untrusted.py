@@ -193,3 +193,29 @@ def test_reading_keeps_the_method_classes_registered(good_checkpoint: Path) -> N
     LoRAClassifier.load_from_checkpoint(good_checkpoint)
     assert set(map(id, torch.serialization.get_safe_globals())) == before
     assert LoRA in torch.serialization.get_safe_globals()
+
+
+def test_a_file_cannot_make_loading_fetch_a_tokenizer(tmp_path: Path) -> None:
+    """A prompt-tuning file naming a text initialisation (and so a tokenizer to load) is read with a random
+    initialisation instead: the file provides the values, and nothing it names is loaded."""
+    from helpers import tiny_gpt2
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from lightning_peft import PromptTuning, apply_peft
+    from lightning_peft.model import attached_methods
+
+    model = tiny_gpt2()
+    apply_peft(model, PromptTuning(num_virtual_tokens=3))
+    folder = save_adapter(model, tmp_path / "prompt")
+    weights = str(folder / "adapter_model.safetensors")
+    with safe_open(weights, "pt") as handle:
+        metadata = handle.metadata()
+    meta = json.loads(metadata["lightning_peft"])
+    meta["methods"][0].update(init="text", init_text="hello", tokenizer_name_or_path=str(tmp_path / "evil"))
+    metadata["lightning_peft"] = json.dumps(meta)
+    save_file(load_file(weights), weights, metadata=metadata)
+    fresh = tiny_gpt2()
+    load_adapter(fresh, folder)  # would raise "could not be loaded as a tokenizer" if it tried
+    (method,) = attached_methods(fresh)
+    assert method.init == "random" and method.tokenizer_name_or_path is None
