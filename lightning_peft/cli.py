@@ -33,7 +33,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_peft.atomic import write_text
 from lightning_peft.io import ADAPTER_CONFIG, save_adapter
 from lightning_peft.methods import PEFTMethod
-from lightning_peft.model import attached_methods, is_attached
+from lightning_peft.predict import AUTO_CLASSES, load_adapted_model
+from lightning_peft.record import attached_methods, is_attached
 from lightning_peft.safe_load import refusing_pickles
 
 
@@ -104,9 +105,8 @@ class PEFTLightningCLI(LightningCLI):
     def after_fit(self) -> None:
         if not is_attached(self.model):
             return
-        # every rank: save_adapter gathers sharded (FSDP2) tensors, a collective; it writes on rank 0 only
-        folder = self.trainer.strategy.broadcast(str(self._log_dir() / "adapter"))
-        folder = save_adapter(self.model, folder)
+        # every rank: under FSDP2 save_adapter gathers the sharded tensors (a collective); rank 0 writes
+        folder = save_adapter(self.model, self._log_dir() / "adapter")
         if not self.trainer.is_global_zero:
             return
         hparams = getattr(self.model, "hparams", {})
@@ -180,7 +180,8 @@ def export_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lightning-peft export-adapter",
         description="Write the adapter held in an adapter-only Lightning checkpoint (.ckpt) as an adapter "
-        "folder (adapter_model.safetensors + adapter_config.json, HF PEFT's layout).",
+        "folder (adapter_model.safetensors + adapter_config.json, HF PEFT's layout). The base model is rebuilt "
+        "from what the checkpoint records (its name or path and its task: classifier, causal LM, ...).",
     )
     parser.add_argument("checkpoint", help="a .ckpt written while training with PEFTCallback/PEFTMixin")
     parser.add_argument("output", help="folder to write")
@@ -188,11 +189,17 @@ def export_main(argv: Sequence[str]) -> int:
         "--model", default=None, help="base model (default: the checkpoint's model_name_or_path)"
     )
     parser.add_argument("--num-labels", type=int, default=None, help="default: from the checkpoint")
+    parser.add_argument(
+        "--task",
+        default=None,
+        choices=sorted(AUTO_CLASSES),
+        help="HF PEFT task type of the base model (default: the one recorded in the checkpoint)",
+    )
     args = parser.parse_args(list(argv))
-    from lightning_peft.predict import load_classifier
-
     try:
-        model, info = load_classifier(args.checkpoint, base_model=args.model, num_labels=args.num_labels)
+        model, info = load_adapted_model(
+            args.checkpoint, base_model=args.model, num_labels=args.num_labels, task_type=args.task
+        )
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     folder = save_adapter(model, args.output)

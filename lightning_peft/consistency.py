@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lightning_peft.methods import PEFTMethod, method_from_dict
+from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.registry import method_from_dict
 
 #: method name -> {configuration field: HF PEFT adapter_config.json key} for the fields PEFT's JSON carries
 PEFT_JSON_FIELDS: dict[str, dict[str, str]] = {
@@ -75,16 +76,21 @@ def _differing_field(a: dict[str, Any], b: dict[str, Any]) -> str | None:
 
 
 def reconcile(
-    config: dict[str, Any], json_methods: list[PEFTMethod] | None, header: str | None, config_file: Path
+    config: dict[str, Any],
+    json_methods: list[PEFTMethod] | None,
+    header: str | None,
+    config_file: Path,
+    ours: bool = False,
 ) -> list[PEFTMethod]:
-    """The configuration of a folder whose JSON gave ``json_methods`` (``None``: an HF PEFT JSON, parsed by the
-    caller only if there is no header), checked against the safetensors header's ``header`` metadata."""
+    """The configuration of a folder whose JSON gave ``json_methods`` (``ours``: lightning-peft's own JSON;
+    otherwise HF PEFT's, ``None`` when it names no known method), checked against the safetensors header's
+    ``header`` metadata."""
     if header is None:
         if json_methods is None:
             raise AssertionError("reconcile needs the JSON's methods when there is no header")
         return json_methods
     header_methods = methods_from(_loads(header, config_file), f"{config_file.parent} (safetensors header)")
-    if json_methods is not None and _is_ours(config):
+    if json_methods is not None and ours:
         for index, (ours, theirs) in enumerate(zip(json_methods, header_methods)):
             field = _differing_field(ours.to_dict(), theirs.to_dict())
             if field is not None:
@@ -111,12 +117,6 @@ def reconcile(
         if key in config and getattr(described, field) != getattr(header_method, field):
             _mismatch(config_file, key, config[key], getattr(header_method, field))
     return header_methods
-
-
-def _is_ours(config: dict[str, Any]) -> bool:
-    from lightning_peft.io import CHECKPOINT_KEY
-
-    return CHECKPOINT_KEY in config
 
 
 def _loads(text: str, config_file: Path) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,11 +13,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_peft.atomic import recover, replace_folder
-from lightning_peft.consistency import methods_from, read_json, reconcile
-from lightning_peft.distributed import check_saveable, is_global_zero
-from lightning_peft.methods import PEFTLayer, PEFTMethod
-from lightning_peft.methods.registry import _REGISTRY
+from lightning_peft.atomic import replace_folder
+from lightning_peft.consistency import methods_from
+from lightning_peft.distributed.strategies import check_saveable, is_global_zero
+from lightning_peft.hf import AmbiguousBaseModelError, base_prefix, config_value, name_or_path, task_type_of
+from lightning_peft.hf import base_model as find_base_model
+from lightning_peft.methods.base import PEFTLayer, PEFTMethod
 from lightning_peft.model import (
     adapter_state_dict,
     apply_peft,
@@ -32,30 +32,19 @@ from lightning_peft.model import (
     state_dict_key,
     trainable_parameter_names,
 )
-from lightning_peft.safe_load import load_checkpoint_file
-from lightning_peft.validation import check_dtypes, read_header, read_tensor_file
+from lightning_peft.reader import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_KEY,
+    FORMAT_VERSION,
+    AdapterFile,
+    PathLike,
+    read_adapter,
+    read_methods,
+)
+from lightning_peft.validation import check_dtypes, check_finite
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-#: key under which adapter-only ``.ckpt`` files keep the method configurations
-CHECKPOINT_KEY = "lightning_peft"
-FORMAT_VERSION = 1
-
-PathLike = str | os.PathLike
-
-
-def base_prefix(model: nn.Module) -> str:
-    """Prefix of the (outermost) transformers model inside ``model``: ``"model."`` for a LightningModule
-    holding ``self.model``; ``""`` when ``model`` is itself the transformers model or a plain module."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return ""
-    if isinstance(model, PreTrainedModel):
-        return ""
-    found = [n for n, m in model.named_modules() if n and isinstance(m, PreTrainedModel)]
-    outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
-    return outer[0] + "." if len(outer) == 1 else ""
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CHECKPOINT_KEY", "FORMAT_VERSION"]
 
 
 def file_key_map(model: nn.Module) -> dict[str, str]:
@@ -90,22 +79,52 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous()
 
 
+def base_info(model: nn.Module) -> dict[str, Any]:
+    """What a file records about the base model, so that a loader can rebuild it without guessing."""
+    num_labels = (
+        config_value(model, "num_labels") if task_type_of(find_base_model(model)) == "SEQ_CLS" else None
+    )
+    info = {
+        "base_model_name_or_path": name_or_path(model),
+        "task_type": task_type_of(find_base_model(model)),
+        "num_labels": num_labels,
+    }
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def adapter_meta(model: nn.Module, methods: Sequence[PEFTMethod], strict: bool = True) -> dict[str, Any]:
+    """lightning-peft's own record of an adapter, written to files and checkpoints. With ``strict=False``
+    (checkpoints, whose tensors keep the module's own names) an ambiguous base model is recorded as unknown
+    instead of raising; exporting such a checkpoint then asks which model is the base."""
+    try:
+        prefix: str | None = base_prefix(model)
+        base = base_info(model)
+    except AmbiguousBaseModelError:
+        if strict:
+            raise
+        prefix, base = None, {}
+    return {
+        "format_version": FORMAT_VERSION,
+        "methods": [m.to_dict() for m in methods],
+        "base_prefix": prefix,
+        "base": base,
+    }
+
+
 def adapter_config_dict(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """(adapter_config.json, lightning-peft metadata). When HF PEFT has an equivalent configuration the JSON is
     exactly PEFT's (so PEFT loads the folder without warnings) and our metadata goes into the safetensors
     header; otherwise the JSON holds our metadata under ``"lightning_peft"``."""
     methods = [m.saved_config() for m in attached_methods(model) or []]
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "methods": [m.to_dict() for m in methods],
-        "base_prefix": base_prefix(model),
-    }
+    meta = adapter_meta(model, methods)
     peft_config = methods[0].peft_config(model) if len(methods) == 1 else None
     return (peft_config if peft_config else {CHECKPOINT_KEY: meta}), meta
 
 
 def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """File key -> tensor, as written to ``adapter_model.safetensors``."""
+    """File key -> tensor, as written to ``adapter_model.safetensors``.
+
+    Collective under FSDP2 (it gathers sharded tensors): call it on every rank."""
     state = adapter_state_dict(model)
     mapping = file_key_map(model)
     prefix = base_prefix(model)
@@ -126,7 +145,9 @@ def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, path: PathLike) -> Path:
     """Write the adapter of ``model`` to the folder ``path``: ``adapter_model.safetensors`` holding only the
-    adapter's tensors (and ``modules_to_save``), and ``adapter_config.json``. No pickle is involved."""
+    adapter's tensors (and ``modules_to_save``), and ``adapter_config.json``. No pickle is involved.
+
+    Collective under FSDP2 (it gathers sharded tensors): call it on every rank; rank 0 writes."""
     if not is_attached(model):
         raise ValueError(f"save_adapter: no PEFT method is attached to this {type(model).__name__}")
     check_saveable(model)
@@ -146,68 +167,89 @@ def save_adapter(model: nn.Module, path: PathLike) -> Path:
 
 
 def read_adapter_config(path: PathLike) -> list[PEFTMethod]:
-    """The method configurations stored in an adapter folder (ours, or an HF PEFT one for known methods).
-    ``adapter_config.json`` is the configuration; metadata in the safetensors header must agree with it."""
-    folder = Path(path)
-    recover(folder)  # a save killed between its two renames left the previous folder aside
-    config_file = folder / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(f"path={str(path)!r} holds no {ADAPTER_CONFIG}")
-    config = read_json(config_file)
-    weights_file = folder / ADAPTER_WEIGHTS
-    header = read_header(weights_file)[0].get("__metadata__", {}) if weights_file.is_file() else {}
-    meta = header.get(CHECKPOINT_KEY) if isinstance(header, dict) else None
-    if CHECKPOINT_KEY in config:
-        return reconcile(config, methods_from(config[CHECKPOINT_KEY], str(config_file)), meta, config_file)
-    described = next((m for cls in _REGISTRY.values() if (m := cls.from_peft_config(config))), None)
-    if described is None and meta is None:
-        raise ValueError(
-            f"{config_file}: peft_type={config.get('peft_type')!r} is not one lightning-peft can load; "
-            f"known methods: {sorted(_REGISTRY)}"
-        )
-    return reconcile(config, None if described is None else [described], meta, config_file)
+    """The method configurations stored at ``path`` (an adapter folder, ours or HF PEFT's, or a file)."""
+    return read_methods(path)
 
 
-def load_adapter(model: nn.Module, path: PathLike, *, allow_nonfinite: bool = False) -> nn.Module:
-    """Load an adapter folder written by :func:`save_adapter` (or by HF PEFT for LoRA/DoRA/IA3) onto ``model``.
+def load_adapter(
+    model: nn.Module, path: PathLike | AdapterFile, *, allow_nonfinite: bool = False
+) -> nn.Module:
+    """Load an adapter onto ``model``: an adapter folder written by :func:`save_adapter` (or by HF PEFT for
+    LoRA/DoRA/IA3/prompt/prefix tuning), an adapter ``.safetensors`` file, or an adapter-only ``.ckpt``.
 
     The adapter is attached first if ``model`` has none. Every tensor is checked against the model before
     anything is loaded; on a mismatch the error names the tensor and both shapes and the model is unchanged.
     NaN/Inf values are refused unless ``allow_nonfinite=True``.
     """
-    folder = Path(path)
-    weights_file = folder / ADAPTER_WEIGHTS
-    methods = read_adapter_config(folder)
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"path={str(path)!r} holds no {ADAPTER_WEIGHTS}")
-    tensors = read_tensor_file(weights_file, allow_nonfinite)  # truncation, corruption, NaN/Inf
+    adapter = read_adapter(path)
+    tensor_file = _tensor_file(adapter)
+    if not allow_nonfinite:
+        check_finite(adapter.tensors, tensor_file)
     attached_here = not is_attached(model)
     if attached_here:
-        apply_peft(model, methods)
+        apply_peft(model, adapter.methods)
     try:
-        mapping = file_key_map(model)
-        inverse = {file_key: name for name, file_key in mapping.items()}
-        unexpected = sorted(set(tensors) - set(inverse))
-        if unexpected:
-            raise ValueError(
-                f"{weights_file}: tensor {unexpected[0]!r} does not belong to the attached adapter "
-                f"({len(unexpected)} unexpected tensors; expected keys like {sorted(inverse)[:3]})"
-            )
-        state = {inverse[k]: v for k, v in tensors.items()}
-        missing = [mapping[n] for n in mapping if n not in state]
-        if missing:
-            raise ValueError(
-                f"{weights_file}: tensor {missing[0]!r} is missing ({len(missing)} missing); expected "
-                f"{len(mapping)} tensors, found {len(tensors)}"
-            )
-        check_adapter_state(model, state, str(weights_file))
-        check_dtypes(model, state, mapping, str(weights_file))
+        state = _model_state(model, adapter)
+        check_adapter_state(model, state, tensor_file)
+        file_keys = file_key_map(model) if adapter.key_format == "peft" else {}
+        check_dtypes(model, state, file_keys, tensor_file)
     except Exception:
         if attached_here:
             remove_peft(model)  # also restores the requires_grad flags
         raise
-    load_adapter_state(model, state, str(weights_file))
+    load_adapter_state(model, state, adapter.source)
     return model
+
+
+def _tensor_file(adapter: AdapterFile) -> str:
+    """The file that holds the tensors (a folder's ``adapter_model.safetensors``), for messages."""
+    source = Path(adapter.source)
+    return str(source / ADAPTER_WEIGHTS) if source.is_dir() else adapter.source
+
+
+def _model_state(model: nn.Module, adapter: AdapterFile) -> dict[str, torch.Tensor]:
+    """The file's tensors keyed by ``model``'s adapter tensor names; raises on an unexpected or missing one."""
+    if adapter.key_format == "peft":
+        expected = file_key_map(model)  # model name -> file key
+    else:
+        to_file = _state_prefix_map(model, adapter)
+        expected = {name: to_file(name) for name in map(state_dict_key, trainable_parameter_names(model))}
+    inverse = {file_key: name for name, file_key in expected.items()}
+    unexpected = sorted(set(adapter.tensors) - set(inverse))
+    if unexpected:
+        raise ValueError(
+            f"{_tensor_file(adapter)}: tensor {unexpected[0]!r} does not belong to the attached adapter "
+            f"({len(unexpected)} unexpected tensors; expected keys like {sorted(inverse)[:3]})"
+        )
+    missing = [key for key in inverse if key not in adapter.tensors]
+    if missing:
+        raise ValueError(
+            f"{_tensor_file(adapter)}: tensor {missing[0]!r} is missing ({len(missing)} missing); expected "
+            f"{len(inverse)} tensors, found {len(adapter.tensors)}"
+        )
+    return {inverse[key]: tensor for key, tensor in adapter.tensors.items()}
+
+
+def _state_prefix_map(model: nn.Module, adapter: AdapterFile) -> Any:
+    """``model`` state-dict name -> the checkpoint's key: the base model's prefix in ``model`` is replaced by
+    the one in the module that saved the checkpoint (e.g. ``bert.`` in a bare model, ``model.bert.`` in a
+    LightningModule holding it as ``self.model``)."""
+    ours = state_dict_key(base_prefix(model))
+    theirs = adapter.base_prefix
+    if theirs is None:  # a checkpoint from before the prefix was recorded: infer it from an adapter name
+        theirs = _infer_prefix(adapter, [state_dict_key(n) for n in trainable_parameter_names(model)], ours)
+    if theirs == ours:
+        return lambda name: name
+    return lambda name: theirs + name[len(ours) :] if name.startswith(ours) else name
+
+
+def _infer_prefix(adapter: AdapterFile, names: Sequence[str], ours: str) -> str:
+    for name in names:
+        rel = name[len(ours) :] if name.startswith(ours) else name
+        for key in adapter.tensors:
+            if key.endswith(rel) and (len(key) == len(rel) or key[-len(rel) - 1] == "."):
+                return key[: -len(rel)]
+    return ours
 
 
 # -- Lightning checkpoints -----------------------------------------------------------------------------
@@ -220,10 +262,7 @@ def filter_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     if not any(_is_dtensor(v) for v in checkpoint["state_dict"].values()):
         # (a sharded ModelParallelStrategy checkpoint keeps every tensor: Lightning resumes those only whole)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-    checkpoint[CHECKPOINT_KEY] = {
-        "format_version": FORMAT_VERSION,
-        "methods": [m.to_dict() for m in attached_methods(module) or []],
-    }
+    checkpoint[CHECKPOINT_KEY] = adapter_meta(module, attached_methods(module) or [], strict=False)
 
 
 def checkpoint_methods(checkpoint: dict[str, Any]) -> list[PEFTMethod] | None:
@@ -265,10 +304,15 @@ def load_peft_checkpoint(
 
     The base weights come from ``module_class(**hyper_parameters, **init_kwargs)`` (the module's own
     ``__init__``, and ``configure_model`` if it defines one); the adapter and its configuration come from
-    the file (or ``method``). The model is returned in eval mode.
+    the file (or ``method``). The file is read without unpickling anything. The model is returned in eval mode.
     """
-    checkpoint = load_checkpoint_file(checkpoint_path, map_location)  # never unpickles
-    kwargs = dict(checkpoint.get("hyper_parameters") or {})
+    adapter = read_adapter(checkpoint_path, map_location=map_location)
+    if adapter.key_format != "state_dict":
+        raise ValueError(
+            f"checkpoint_path={str(checkpoint_path)!r} is an adapter folder or file, not a Lightning checkpoint; "
+            "build the model yourself and call load_adapter(model, path)"
+        )
+    kwargs = dict(adapter.hyper_parameters)
     kwargs.update(init_kwargs)
     signature = inspect.signature(module_class.__init__)
     if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
@@ -277,10 +321,9 @@ def load_peft_checkpoint(
     configure = getattr(model, "configure_model", None)
     if callable(configure):
         configure()
-    methods = as_method_list(method) if method is not None else checkpoint_methods(checkpoint)
-    if methods is None:
-        raise ValueError(f"checkpoint_path={str(checkpoint_path)!r} is not a lightning-peft checkpoint")
+    if method is not None:
+        adapter.methods = as_method_list(method)
     if not is_attached(model):
-        apply_peft(model, methods)
-    load_adapter_state(model, checkpoint["state_dict"], str(checkpoint_path))
+        apply_peft(model, adapter.methods)
+    load_adapter_state(model, _model_state(model, adapter), adapter.source)
     return model.eval()

@@ -1,4 +1,5 @@
-"""Reading ``.ckpt`` files without unpickling: every checkpoint reader of the library goes through here.
+"""Reading ``.ckpt`` files without unpickling: the allowlist and the refusal that every checkpoint reader uses
+(:mod:`lightning_peft.reader`, ``PEFTMixin.load_from_checkpoint``, the CLI's ``--ckpt_path``).
 
 ``torch.load(weights_only=True)`` rebuilds only tensors, primitive containers and numbers, and the classes on
 an allowlist; anything else in the file (a pickled function call, an arbitrary class) is refused *before* it
@@ -41,26 +42,11 @@ def safe_globals() -> list[Any]:
     return [*_REGISTRY.values(), *SAFE_STDLIB_GLOBALS]
 
 
-def _allowing() -> Any:
+def allowing_safe_globals() -> Any:
     """A context allowing :func:`safe_globals`. torch's context manager *removes* its globals on exit, so it
     is given only those not registered already (the method classes are, globally, by ``register_method``)."""
     present = torch.serialization.get_safe_globals()
     return torch.serialization.safe_globals([g for g in safe_globals() if g not in present])
-
-
-def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with the allowlist; a refused file raises
-    :class:`UnsafeFileError` naming the file and the object it holds. Never unpickles."""
-    try:
-        with _allowing():
-            checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise unsafe_error(path, error) from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(
-            f"{os.fspath(path)}: a checkpoint must hold a dict, found {type(checkpoint).__name__}"
-        )
-    return checkpoint
 
 
 def unsafe_error(path: str | os.PathLike | None, error: BaseException) -> UnsafeFileError:
@@ -80,7 +66,7 @@ def refusing_pickles(path: Any) -> Iterator[None]:
     """Around a ``torch.load(weights_only=True)`` done by someone else (Lightning's ``load_from_checkpoint``):
     allow :func:`safe_globals` and turn a refusal into :class:`UnsafeFileError`."""
     try:
-        with _allowing():
+        with allowing_safe_globals():
             yield
     except pickle.UnpicklingError as error:
         raise unsafe_error(path if isinstance(path, (str, os.PathLike)) else None, error) from None

@@ -3,7 +3,7 @@
 Every error names the file, the tensor and what was expected versus what was found:
 
 * a truncated or corrupt ``adapter_model.safetensors`` (the header is parsed here first, as JSON, and every
-  tensor's byte range is checked against the file's size);
+  tensor's byte range is checked against the file's size, before :mod:`lightning_peft.reader` loads it);
 * a tensor whose dtype cannot hold the parameter's values (an integer or boolean tensor for a floating-point
   parameter); floating-point dtypes may differ, the values are cast as ``load_state_dict`` does;
 * NaN or Inf values, refused unless ``allow_nonfinite=True``.
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 #: bytes per element of the dtypes a safetensors header may name
@@ -55,9 +54,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, size - 8 - length
 
 
-def read_tensor_file(path: str | os.PathLike, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, after checking its structure and (unless ``allow_nonfinite``) that
-    every floating-point value is finite."""
+def check_tensor_file(path: str | os.PathLike) -> None:
+    """Check a safetensors file's structure before it is loaded: a readable header, known dtypes, byte ranges
+    that fit the shapes and the file's size. Errors name the file and the tensor."""
     path = Path(path)
     header, data_bytes = read_header(path)
     for name, info in header.items():
@@ -81,13 +80,6 @@ def read_tensor_file(path: str | os.PathLike, allow_nonfinite: bool = False) -> 
                 f"{path}: truncated file: tensor {name!r} needs bytes {start}..{end} of the data, "
                 f"the file holds {data_bytes}"
             )
-    try:
-        tensors = load_file(str(path))
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type
-        raise ValueError(f"{path}: corrupt file: {error}") from None
-    if not allow_nonfinite:
-        check_finite(tensors, str(path))
-    return tensors
 
 
 def _numel(shape: Any) -> int:
