@@ -146,6 +146,6 @@ def test_a_deleted_folder_is_not_resurrected_from_a_leftover(tmp_path: Path) -> 
     folder = tmp_path / "adapter"
     save_adapter(lora_mlp(), folder)
     os.rename(folder, tmp_path / f".adapter{OLD_TAG}x")  # a leftover with no temporary folder next to it
-    with pytest.raises(FileNotFoundError, match="holds no adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="is neither an adapter folder nor a .ckpt file"):
         load_adapter(MLP(d_in=64, hidden=256), folder)
     assert not folder.exists()

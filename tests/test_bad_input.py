@@ -133,13 +133,14 @@ ROWS = [
     Row("mixin targets match nothing", lambda c: fit(c.model), ValueError, r"\['no_such_layer'\].*matched no module", BadTargets),
     # -- save / load / export ------------------------------------------------------------------------------
     Row("save without an adapter", lambda c: save_adapter(c.model, c.tmp / "a"), ValueError, "no PEFT method is attached to this BertForSequenceClassification"),
-    Row("load from a missing folder", lambda c: load_adapter(c.model, c.tmp / "missing"), FileNotFoundError, "holds no adapter_config.json"),
+    Row("load from a missing folder", lambda c: load_adapter(c.model, c.tmp / "missing"), FileNotFoundError, "missing' is neither an adapter folder nor a .ckpt file"),
+    Row("load from a folder without a config", lambda c: c.tmp.joinpath("empty").mkdir() or load_adapter(c.model, c.tmp / "empty"), FileNotFoundError, "holds no adapter_config.json"),
     Row("load an edited peft_type", lambda c: (c.adapter() / "adapter_config.json").write_text('{"peft_type": "VERA"}') and load_adapter(c.model, c.tmp / "adapter"), ValueError, "field 'peft_type' is 'VERA' here but 'LoRA' in the safetensors header"),
     Row("load an unknown peft_type", lambda c: c.tmp.joinpath("adapter_config.json").write_text('{"peft_type": "VERA"}') and load_adapter(c.model, c.tmp), ValueError, "peft_type='VERA' is not one lightning-peft can load"),
     Row("load a config that is a list", lambda c: (c.adapter() / "adapter_config.json").write_text("[1, 2]") and load_adapter(c.model, c.tmp / "adapter"), ValueError, "expected a JSON object, found list"),
     Row("load onto the wrong model", lambda c: load_adapter(c.model, c.adapter()), ValueError, "matched no module of MLP", MLP),
     Row("load_peft_checkpoint of a missing file", lambda c: load_peft_checkpoint(HFModule, c.tmp / "x.ckpt"), FileNotFoundError, "x.ckpt"),
-    Row("load_peft_checkpoint of a full checkpoint", lambda c: load_peft_checkpoint(HFModule, c.full_checkpoint()), ValueError, "is not a lightning-peft checkpoint"),
+    Row("load_peft_checkpoint of a full checkpoint", lambda c: load_peft_checkpoint(HFModule, c.full_checkpoint()), ValueError, "full.ckpt is not an adapter-only checkpoint"),
     Row("export-adapter of a missing file", lambda c: cli(["export-adapter", str(c.tmp / "x.ckpt"), str(c.tmp / "out")]), SystemExit, "is neither an adapter folder nor a .ckpt file"),
     Row("export-adapter of a full checkpoint", lambda c: cli(["export-adapter", str(c.full_checkpoint()), str(c.tmp / "out")]), SystemExit, "is not an adapter-only checkpoint"),
     # -- the LightningCLI's YAML and flags ------------------------------------------------------------
