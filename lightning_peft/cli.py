@@ -84,8 +84,10 @@ class PEFTLightningCLI(LightningCLI):
     # a checkpoint named by --ckpt_path is read with weights_only=True; a refused one gets our message
     def _parse_ckpt_path(self) -> None:
         ckpt_path = (self.config.get(self.config.get("subcommand") or "") or {}).get("ckpt_path")
-        with refusing_pickles(ckpt_path):
-            super()._parse_ckpt_path()  # reads the checkpoint's hyper_parameters
+        parse = getattr(super(), "_parse_ckpt_path", None)  # (a LightningCLI internal, absent before 2.5)
+        if parse is not None:
+            with refusing_pickles(ckpt_path):
+                parse()  # reads the checkpoint's hyper_parameters
 
     def _read_checkpoint_safely(self, run: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         if kwargs.get("weights_only") is None and "weights_only" in kwargs:
