@@ -15,6 +15,7 @@ from lightning_peft.io import CHECKPOINT_KEY, filter_checkpoint, prepare_checkpo
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.model import as_method_list, is_attached
 from lightning_peft.optim import fix_optimizers
+from lightning_peft.participation import check_forward
 
 _PATCHED = "_lightning_peft_patched"
 _PENDING = "_lightning_peft_pending"
@@ -79,6 +80,9 @@ class PEFTCallback(Callback):
             )
         fix_optimizers(pl_module, trainer.optimizers)
         prepare_training(pl_module, trainer)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        check_forward(pl_module, loss)  # once per fit: every method took part in the first forward
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_gradients(pl_module, trainer)  # once per fit: adapter tensors that got no gradient

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_peft.model import peft_layers, state_dict_key, trainable_parameter_names
+from lightning_peft.participation import check_method_gradients, start_training
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -165,6 +166,7 @@ def prepare_training(module: nn.Module, trainer: pl.Trainer | None) -> None:
         _check_ddp_reentrant_sharing(module, trainer)  # type: ignore[arg-type]
     # FSDP1 leaves .grad None on ranks that hold no shard of a tensor; other strategies: unknown semantics
     module.__dict__[_CHECK_GRADS] = kind in ("single", "ddp", "model_parallel")
+    start_training(module)  # base-dependent initial values, then watch the first forward (participation.py)
 
 
 def _check_ddp_registration(module: nn.Module, trainer: pl.Trainer) -> None:
@@ -229,6 +231,7 @@ def check_gradients(module: nn.Module, trainer: pl.Trainer | None) -> None:
     missing = [n for n in trainable_parameter_names(module) if n in params and params[n].grad is None]
     if not missing:
         return
+    check_method_gradients(module, missing)  # a method without any gradient is an error, not a warning
     owners = sorted({state_dict_key(n).rsplit(".", 1)[0] for n in missing})
     listed = ", ".join(owners[:10]) + (f" and {len(owners) - 10} more" if len(owners) > 10 else "")
     fix = f"exclude them from the method (e.g. exclude_modules={owners[:3]!r}) or make the forward pass use them"

@@ -18,6 +18,7 @@ from torch import nn
 from lightning_peft.distributed import check_saveable, is_global_zero
 from lightning_peft.methods import PEFTLayer, PEFTMethod, method_from_dict
 from lightning_peft.methods.registry import _REGISTRY
+from lightning_peft.participation import watch_first_inference
 from lightning_peft.model import (
     adapter_state_dict,
     apply_peft,
@@ -198,6 +199,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
             remove_peft(model)  # also restores the requires_grad flags
         raise
     load_adapter_state(model, state, str(weights_file))
+    watch_first_inference(model)  # the first forward checks that every method took part (participation.py)
     return model
 
 

@@ -11,6 +11,7 @@ from lightning_peft.io import filter_checkpoint, prepare_checkpoint_load
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.model import as_method_list, is_attached
 from lightning_peft.optim import fix_optimizers
+from lightning_peft.participation import check_forward
 
 
 class PEFTMixin:
@@ -60,6 +61,10 @@ class PEFTMixin:
             self.apply_peft()
         fix_optimizers(self, self.trainer.optimizers)  # type: ignore[attr-defined,arg-type]
         prepare_training(self, self.trainer)  # type: ignore[attr-defined,arg-type]
+
+    def on_before_backward(self, loss: Any) -> None:
+        super().on_before_backward(loss)  # type: ignore[misc]
+        check_forward(self, loss)  # type: ignore[arg-type]
 
     def on_after_backward(self) -> None:
         super().on_after_backward()  # type: ignore[misc]

@@ -27,7 +27,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_peft.methods.base import (
+    AdapterLinear,
     PEFTLayer,
+    ZeroLinear,
     PEFTMethod,
     _as_str_list,
     check_choice,
@@ -127,11 +129,9 @@ class BottleneckAdapterLayer(PEFTLayer):
             # quantised base weights: keep the adapter in the default float dtype
             if weight.is_floating_point():
                 factory["dtype"] = weight.dtype
-        self.adapter_down = nn.Linear(features, bottleneck_size, **factory)
+        self.adapter_down = AdapterLinear(features, bottleneck_size, **factory)
         self.adapter_act = ACTIVATIONS[activation]()
-        self.adapter_up = nn.Linear(bottleneck_size, features, **factory)
-        nn.init.zeros_(self.adapter_up.weight)
-        nn.init.zeros_(self.adapter_up.bias)
+        self.adapter_up = ZeroLinear(bottleneck_size, features, **factory)
 
     def adapter_delta(self, h: torch.Tensor) -> torch.Tensor:
         """W_up · act(W_down · h + b_down) + b_up."""

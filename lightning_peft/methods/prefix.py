@@ -41,7 +41,7 @@ from lightning_peft.methods._virtual_tokens import (
     require_inputs,
     task_type_of,
 )
-from lightning_peft.methods.base import PEFTMethod, check_positive_int
+from lightning_peft.methods.base import AdapterLinear, PEFTMethod, check_positive_int
 from lightning_peft.methods.registry import register_method
 from lightning_peft.targeting import ModuleTargets, replace_module
 
@@ -109,15 +109,22 @@ class PrefixLayer(VirtualTokenLayer):
         if prefix_projection:
             self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, geometry.hidden_size, **factory))
             self.transform = nn.Sequential(
-                nn.Linear(geometry.hidden_size, encoder_hidden_size, **factory),
+                AdapterLinear(geometry.hidden_size, encoder_hidden_size, **factory),
                 nn.Tanh(),
-                nn.Linear(encoder_hidden_size, width, **factory),
+                AdapterLinear(encoder_hidden_size, width, **factory),
             )
         else:
             self.prompt_embeddings = nn.Parameter(torch.randn(num_virtual_tokens, width, **factory))
         # attention layers that received the prefix from the read-only cache in the current forward
         self.layers_used: set[int] = set()
         install_hooks(self, base_layer, geometry.layers)
+
+    def reset_parameters(self) -> None:
+        """N(0, 1) prefixes (or MLP inputs), like an ``nn.Embedding``."""
+        param = self.embedding if self.prefix_projection else self.prompt_embeddings
+        if param.device.type != "meta":
+            with torch.no_grad():
+                param.normal_()
 
     def prefix_matrix(self) -> torch.Tensor:
         """Θ, shape (P, L·2·d_kv): the plain prefixes (through the MLP with ``prefix_projection``)."""
@@ -222,6 +229,8 @@ class PrefixTuning(PEFTMethod):
     layer, ``softmax(Q [K^p; K]^T / √d) [V^p; V]``, optionally reparameterised by an MLP. Not mergeable."""
 
     method_name: ClassVar[str] = "prefix"
+    #: the layers this method puts into a model (the participation check finds them by type)
+    layer_types: ClassVar[tuple[type, ...]] = (PrefixLayer,)
 
     num_virtual_tokens: int = 20
     """Number P of prefix positions in every attention layer (a positive integer)."""
