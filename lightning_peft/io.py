@@ -18,7 +18,6 @@ from torch import nn
 from lightning_peft.distributed import check_saveable, is_global_zero
 from lightning_peft.methods import PEFTLayer, PEFTMethod, method_from_dict
 from lightning_peft.methods.registry import _REGISTRY
-from lightning_peft.participation import watch_first_inference
 from lightning_peft.model import (
     adapter_state_dict,
     apply_peft,
@@ -32,6 +31,7 @@ from lightning_peft.model import (
     state_dict_key,
     trainable_parameter_names,
 )
+from lightning_peft.participation import watch_first_inference
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

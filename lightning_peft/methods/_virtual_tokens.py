@@ -65,10 +65,10 @@ def find_backbone(model: nn.Module, method: str) -> tuple[str, nn.Module, bool]:
     config = getattr(outer_model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
-            f"{method} supports encoder-only and decoder-only models; {type(outer_model).__name__} is an "
+            f"{method} supports encoder-only and decoder-only models here; {type(outer_model).__name__} is an "
             "encoder-decoder model"
         )
-    backbone = getattr(outer_model, "base_model", outer_model)
+    backbone = innermost_backbone(getattr(outer_model, "base_model", outer_model))
     if backbone is outer_model:
         if not outer_name:
             raise ValueError(
@@ -79,6 +79,41 @@ def find_backbone(model: nn.Module, method: str) -> tuple[str, nn.Module, bool]:
         return outer_name, outer_model, True
     name = next(n for n, m in outer_model.named_modules() if m is backbone)
     return f"{outer_name}.{name}" if outer_name else name, outer_model, False
+
+
+def _embeddings_of(module: nn.Module) -> nn.Module | None:
+    get = getattr(module, "get_input_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except NotImplementedError:
+        return None
+
+
+def innermost_backbone(backbone: nn.Module) -> nn.Module:
+    """The innermost transformers model inside ``backbone`` that receives the token inputs.
+
+    Some task models bypass their ``base_model``: ``OPTForCausalLM.forward`` calls ``self.model.decoder``
+    directly, not ``self.model``, so a wrapper around ``OPTModel`` would never run. The module that every
+    path reaches is the innermost one that owns the input embedding and takes ``input_ids``/``inputs_embeds``
+    (``OPTDecoder``); it is found by descending while exactly one such transformers model sits inside.
+    """
+    pretrained = pretrained_model_type()
+    while pretrained is not None:
+        embeddings = _embeddings_of(backbone)
+        inner = [
+            (n, m)
+            for n, m in backbone.named_modules()
+            if n
+            and isinstance(m, pretrained)
+            and embeddings is not None
+            and _embeddings_of(m) is embeddings
+            and {"input_ids", "inputs_embeds"} <= set(forward_parameters(m))
+        ]
+        outermost = [(n, m) for n, m in inner if not any(n.startswith(o + ".") for o, _ in inner if o != n)]
+        if len(outermost) != 1:
+            return backbone
+        backbone = outermost[0][1]
+    return backbone
 
 
 def forward_parameters(module: nn.Module) -> list[str]:

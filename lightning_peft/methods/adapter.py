@@ -26,11 +26,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_peft.hf_targets import ADAPTER_TARGETS
 from lightning_peft.methods.base import (
     AdapterLinear,
     PEFTLayer,
-    ZeroLinear,
     PEFTMethod,
+    ZeroLinear,
     _as_str_list,
     check_choice,
     check_positive_int,
@@ -58,22 +59,10 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 DEFAULT_REDUCTION_FACTOR = 16
 
-_BERT_LIKE = (r"(.*\.)?attention\.output\.dense", r"(.*\.)?layer\.\d+\.output\.dense")
-_LLAMA_LIKE = ("self_attn.o_proj", "mlp.down_proj")
 #: (attention output projection, feed-forward output projection) per transformers ``model_type``. BERT's
 #: FFN output is ``layer.N.output.dense``; the plain suffix "output.dense" would also match
 #: ``attention.output.dense``, hence the regexes.
-DEFAULT_TARGETS: dict[str, tuple[str, str]] = {
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "xlm-roberta": _BERT_LIKE,
-    "electra": _BERT_LIKE,
-    "distilbert": (r"(.*\.)?attention\.out_lin", r"(.*\.)?ffn\.lin2"),
-    "gpt2": ("attn.c_proj", "mlp.c_proj"),
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-}
+DEFAULT_TARGETS: dict[str, tuple[str, str]] = ADAPTER_TARGETS
 
 
 def output_features(module: nn.Module) -> int | None:

@@ -80,7 +80,9 @@ class PEFTLayer(nn.Module):
         """Recompute the parts of the initial value that depend on the base weights (see ``init_pending``)."""
         self.init_pending = False
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         # loading the adapter's own tensors replaces the initial value: nothing to recompute any more
         if any(prefix + local in state_dict for local in self.peft_parameter_names() if "." not in local):
             self.init_pending = False

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft.hf_targets import IA3_FEEDFORWARD, IA3_TARGETS
 from lightning_peft.methods.base import EXACT_UNMERGE_EPS, PEFTLayer, PEFTMethod, _as_str_list
 from lightning_peft.methods.lora import default_targets, is_lora_target, model_type_of
 from lightning_peft.methods.peft_interop import (
@@ -34,29 +35,10 @@ from lightning_peft.methods.peft_interop import (
 from lightning_peft.methods.registry import register_method
 from lightning_peft.targeting import ModuleTargets, find_targets, linear_dims, matches_any, replace_module
 
-#: the FFN's second linear of BERT/RoBERTa (``layer.N.output.dense``) but not ``attention.output.dense``
-_BERT_FFN_OUT = r"(?:.*\.)?layer\.\d+\.output\.dense"
-
-#: default (IA)³ targets per transformers ``model_type`` when ``target_modules`` is not given
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["key", "value", _BERT_FFN_OUT],
-    "roberta": ["key", "value", _BERT_FFN_OUT],
-    "distilbert": ["k_lin", "v_lin", "ffn.lin2"],
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "llama": ["k_proj", "v_proj", "down_proj"],
-    "mistral": ["k_proj", "v_proj", "down_proj"],
-    "qwen2": ["k_proj", "v_proj", "down_proj"],
-}
-#: which of the default targets are feed-forward (input-side scaling)
-DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
-    "bert": [_BERT_FFN_OUT],
-    "roberta": [_BERT_FFN_OUT],
-    "distilbert": ["ffn.lin2"],
-    "gpt2": ["mlp.c_proj"],
-    "llama": ["down_proj"],
-    "mistral": ["down_proj"],
-    "qwen2": ["down_proj"],
-}
+#: default (IA)³ targets per transformers ``model_type`` when ``target_modules`` is not given, and which of them
+#: are feed-forward (input-side scaling)
+DEFAULT_TARGETS: dict[str, list[str]] = IA3_TARGETS
+DEFAULT_FEEDFORWARD: dict[str, list[str]] = IA3_FEEDFORWARD
 #: HF PEFT IA3 options lightning-peft does not implement, with the value that means "off"
 UNSUPPORTED_IA3_OPTIONS: dict[str, Any] = {"init_ia3_weights": True}
 

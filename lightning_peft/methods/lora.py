@@ -19,15 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.hf_targets import LORA_TARGETS
 from lightning_peft.methods.base import (
     PEFTLayer,
-    kaiming_uniform_,
     PEFTMethod,
     _as_str_list,
     check_choice,
     check_positive_float,
     check_positive_int,
     check_probability,
+    kaiming_uniform_,
 )
 from lightning_peft.methods.peft_interop import lora_kwargs_from_peft_config, lora_peft_config
 from lightning_peft.methods.registry import register_method
@@ -40,15 +41,7 @@ from lightning_peft.targeting import (
 )
 
 #: default targets per transformers ``model_type`` when ``target_modules`` is not given
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-}
+DEFAULT_TARGETS: dict[str, list[str]] = LORA_TARGETS
 
 
 def model_type_of(model: nn.Module) -> str | None:
