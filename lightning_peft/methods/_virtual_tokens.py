@@ -36,13 +36,8 @@ def pretrained_model_type() -> type | None:
     return PreTrainedModel
 
 
-def find_backbone(model: nn.Module, method: str) -> tuple[str, nn.Module, bool]:
-    """The module to wrap: ``(name, outer transformers model, whether the backbone is that model itself)``.
-
-    The outermost ``PreTrainedModel`` in ``model`` must be unique; its backbone is ``base_model`` (e.g.
-    ``bert`` of ``BertForSequenceClassification``). A backbone without a head is wrapped itself, which needs a
-    parent module to hold the wrapper.
-    """
+def find_outer(model: nn.Module, method: str) -> tuple[str, nn.Module]:
+    """``(name, module)`` of the unique outermost transformers ``PreTrainedModel`` in ``model``."""
     pretrained = pretrained_model_type()
     if pretrained is None:  # pragma: no cover
         raise ValueError(f"{method} needs the transformers library")
@@ -60,8 +55,35 @@ def find_backbone(model: nn.Module, method: str) -> tuple[str, nn.Module, bool]:
             f"{method}: {type(model).__name__} contains {len(outer)} separate transformers models {outer}; "
             "apply the method to the one module that should get virtual tokens"
         )
-    outer_name = outer[0]
-    outer_model = model.get_submodule(outer_name)
+    return outer[0], model.get_submodule(outer[0])
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def find_encoder_decoder(model: nn.Module, method: str) -> tuple[nn.Module, str, str]:
+    """``(outer model, encoder name, decoder name)`` of an encoder-decoder transformers model (T5, BART)."""
+    outer_name, outer = find_outer(model, method)
+    parts = []
+    for getter in ("get_encoder", "get_decoder"):
+        get = getattr(outer, getter, None)
+        sub = get() if callable(get) else None
+        names = [n for n, m in outer.named_modules() if m is sub and n]
+        if not names:
+            raise ValueError(f"{method}: cannot find the {getter[4:]} of {type(outer).__name__}")
+        parts.append(f"{outer_name}.{names[0]}" if outer_name else names[0])
+    return outer, parts[0], parts[1]
+
+
+def find_backbone(model: nn.Module, method: str) -> tuple[str, nn.Module, bool]:
+    """The module to wrap: ``(name, outer transformers model, whether the backbone is that model itself)``.
+
+    The outermost ``PreTrainedModel`` in ``model`` must be unique; its backbone is ``base_model`` (e.g.
+    ``bert`` of ``BertForSequenceClassification``). A backbone without a head is wrapped itself, which needs a
+    parent module to hold the wrapper.
+    """
+    outer_name, outer_model = find_outer(model, method)
     config = getattr(outer_model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
@@ -147,6 +169,7 @@ def task_type_of(model: nn.Module) -> str:
         ("ForSequenceClassification", "SEQ_CLS"),
         ("ForTokenClassification", "TOKEN_CLS"),
         ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
     ):
         if name.endswith(suffix):
             return task
@@ -255,3 +278,16 @@ class VirtualTokenLayer(PEFTLayer):
 
     def extra_repr(self) -> str:
         return f"num_virtual_tokens={self.num_virtual_tokens}"
+
+
+class EncoderMaskLayer(VirtualTokenLayer):
+    """Wraps the decoder of an encoder-decoder model whose encoder reads ``P`` extra (virtual) tokens: the
+    cross-attention mask the task model hands the decoder covers the real tokens only, so ``P`` leading ones
+    are added when the encoder states are ``P`` longer than it. No parameters of its own."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = self.bind(args, kwargs)
+        states, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
+        if states is not None and mask is not None and mask.shape[-1] + self.num_virtual_tokens == states.shape[1]:
+            kwargs["encoder_attention_mask"] = prepend_ones(mask, self.num_virtual_tokens)
+        return self.base_layer(**kwargs)
