@@ -19,7 +19,8 @@ class ZooModel:
 
 
 def _common(**extra: object) -> dict[str, object]:
-    return {"vocab_size": VOCAB, **extra}
+    # special tokens inside the tiny vocabulary (several configs default to ids of the real vocabulary)
+    return {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **extra}
 
 
 def _build(config_cls: str, model_cls: str, **kwargs: object) -> Callable[[], nn.Module]:
@@ -58,7 +59,7 @@ ZOO: list[ZooModel] = [
     ZooModel(
         "RoBERTa",
         "encoder",
-        _build("RobertaConfig", "RobertaForSequenceClassification", **_common(**_BERT_LIKE, pad_token_id=1)),
+        _build("RobertaConfig", "RobertaForSequenceClassification", **{**_common(**_BERT_LIKE), "pad_token_id": 1}),
     ),
     ZooModel(
         "DistilBERT",
@@ -102,7 +103,7 @@ ZOO: list[ZooModel] = [
         "Gemma", "decoder", _build("GemmaConfig", "GemmaForCausalLM", **_common(**_LLAMA_LIKE, head_dim=8))
     ),
     ZooModel(
-        "Phi-3", "decoder", _build("Phi3Config", "Phi3ForCausalLM", **_common(**_LLAMA_LIKE, pad_token_id=0))
+        "Phi-3", "decoder", _build("Phi3Config", "Phi3ForCausalLM", **_common(**_LLAMA_LIKE))
     ),
     ZooModel(
         "GPT-NeoX",

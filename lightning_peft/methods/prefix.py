@@ -78,7 +78,9 @@ def kv_geometry(config: Any, method: str) -> KVGeometry:
         raise ValueError(
             f"{method} needs num_hidden_layers, num_attention_heads and hidden_size in the model config: {error}"
         ) from error
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_kv_heads", None) or heads
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        kv_heads = 1  # Falcon's original layout: one key/value head shared by all query heads
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     return KVGeometry(layers, int(kv_heads), int(head_dim), hidden)
 
