@@ -90,7 +90,7 @@ def model_class_names(model: nn.Module) -> set[str]:
 
 @functools.cache
 def run_cell(model_name: str, method_name: str) -> str:
-    """"works", or "refused: <reason>"; an AssertionError (or any crash) fails the cell's test."""
+    """ "works", or "refused: <reason>"; an AssertionError (or any crash) fails the cell's test."""
     spec = next(z for z in ZOO if z.name == model_name)
     model = spec.build()
     inputs = batch(spec.kind)
@@ -111,7 +111,11 @@ def run_cell(model_name: str, method_name: str) -> str:
 
 
 def check_works(
-    spec: ZooModel, method_name: str, model: nn.Module, inputs: dict[str, torch.Tensor], base_out: torch.Tensor
+    spec: ZooModel,
+    method_name: str,
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    base_out: torch.Tensor,
 ) -> None:
     if method_name in IDENTITY_AT_INIT:
         torch.testing.assert_close(logits(model, inputs), base_out, atol=1e-5, rtol=0)
@@ -121,7 +125,9 @@ def check_works(
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Adam with a tiny eps: every tensor with a non-zero gradient moves visibly, however small the gradient
     optimizer = torch.optim.Adam([params[n] for n in trainable], lr=1e-2, eps=1e-30)
-    for step in range(2):  # two steps: LoRA's A (DoRA's, the adapter's down projection) moves once B is non-zero
+    for step in range(
+        2
+    ):  # two steps: LoRA's A (DoRA's, the adapter's down projection) moves once B is non-zero
         arm(model)
         loss = model(**inputs).loss
         check_forward(model, loss)  # every method took part (participation guard)
@@ -144,7 +150,10 @@ def check_works(
         torch.testing.assert_close(logits(merged, inputs), adapted, atol=1e-4, rtol=1e-4)
     if spec.kind != "encoder":
         generated = loaded.generate(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=2, do_sample=False
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            max_new_tokens=2,
+            do_sample=False,
         )
         assert generated.shape[0] == 2
 

@@ -59,7 +59,11 @@ ZOO: list[ZooModel] = [
     ZooModel(
         "RoBERTa",
         "encoder",
-        _build("RobertaConfig", "RobertaForSequenceClassification", **{**_common(**_BERT_LIKE), "pad_token_id": 1}),
+        _build(
+            "RobertaConfig",
+            "RobertaForSequenceClassification",
+            **{**_common(**_BERT_LIKE), "pad_token_id": 1},
+        ),
     ),
     ZooModel(
         "DistilBERT",
@@ -102,9 +106,7 @@ ZOO: list[ZooModel] = [
     ZooModel(
         "Gemma", "decoder", _build("GemmaConfig", "GemmaForCausalLM", **_common(**_LLAMA_LIKE, head_dim=8))
     ),
-    ZooModel(
-        "Phi-3", "decoder", _build("Phi3Config", "Phi3ForCausalLM", **_common(**_LLAMA_LIKE))
-    ),
+    ZooModel("Phi-3", "decoder", _build("Phi3Config", "Phi3ForCausalLM", **_common(**_LLAMA_LIKE))),
     ZooModel(
         "GPT-NeoX",
         "decoder",
