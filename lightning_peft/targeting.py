@@ -120,6 +120,9 @@ def find_targets(
     Raises ``ValueError`` when nothing matches (listing candidates) and ``TypeError`` when a matched
     module has a type the method cannot wrap.
     """
+    from lightning_peft.moe import refuse_unreachable_experts
+
+    refuse_unreachable_experts(model, target_modules, method)  # experts stored as 3-D parameters
     if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
         heads = output_head_names(model)
         names = [n for n, m in model.named_modules() if n and is_linear_like(m) and n not in heads]

@@ -144,6 +144,30 @@ ZOO: list[ZooModel] = [
         ),
     ),
     ZooModel(
+        "Mixtral",
+        "decoder",
+        _build(
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            **_common(**_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+        ),
+    ),
+    ZooModel(
+        "Qwen2-MoE",
+        "decoder",
+        _build(
+            "Qwen2MoeConfig",
+            "Qwen2MoeForCausalLM",
+            **_common(
+                **_LLAMA_LIKE,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=32,
+            ),
+        ),
+    ),
+    ZooModel(
         "T5",
         "encoder-decoder",
         _build(

@@ -288,6 +288,10 @@ class EncoderMaskLayer(VirtualTokenLayer):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = self.bind(args, kwargs)
         states, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
-        if states is not None and mask is not None and mask.shape[-1] + self.num_virtual_tokens == states.shape[1]:
+        if (
+            states is not None
+            and mask is not None
+            and mask.shape[-1] + self.num_virtual_tokens == states.shape[1]
+        ):
             kwargs["encoder_attention_mask"] = prepend_ones(mask, self.num_virtual_tokens)
         return self.base_layer(**kwargs)

@@ -207,10 +207,13 @@ class Adapter(PEFTMethod):
     def resolved_targets(self, model: nn.Module) -> list[str] | str:
         if self.target_modules is not None:
             return self.target_modules
+        from lightning_peft.participation import model_description
+
         model_type = model_type_of(model)
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(
-                f"target_modules=None: Adapter has no default placement for model_type={model_type!r}; pass "
+                f"target_modules=None: Adapter has no default placement for {model_description(model)} "
+                f"(model_type={model_type!r}); pass "
                 f"target_modules naming the projections after which adapters go (e.g. the attention output "
                 f"and feed-forward output layers). Known defaults: {sorted(DEFAULT_TARGETS)}"
             )

@@ -54,11 +54,14 @@ def model_type_of(model: nn.Module) -> str | None:
 
 
 def default_targets(model: nn.Module, table: dict[str, list[str]], method: str) -> list[str]:
+    from lightning_peft.participation import model_description
+
     model_type = model_type_of(model)
     if model_type in table:
         return list(table[model_type])
     raise ValueError(
-        f"target_modules=None: {method} has no default targets for model_type={model_type!r}; pass "
+        f"target_modules=None: {method} has no default targets for {model_description(model)} "
+        f"(model_type={model_type!r}); pass "
         f"target_modules explicitly (known defaults: {sorted(table)})"
     )
 
