@@ -17,7 +17,9 @@ MOE = {z.name: z for z in ZOO if z.name in ("Mixtral", "Qwen2-MoE")}
     [
         lambda: LoRA(r=2, target_modules="all-linear"),
         lambda: DoRA(r=2, target_modules=["experts"]),
-        lambda: LoRA(r=2, target_modules=["down_proj"]),  # Qwen2-MoE's shared expert has an nn.Linear down_proj
+        lambda: LoRA(
+            r=2, target_modules=["down_proj"]
+        ),  # Qwen2-MoE's shared expert has an nn.Linear down_proj
         lambda: IA3(target_modules=["gate_up_proj"], feedforward_modules=[]),
     ],
     ids=["all-linear", "experts", "down_proj", "gate_up_proj"],
@@ -25,7 +27,9 @@ MOE = {z.name: z for z in ZOO if z.name in ("Mixtral", "Qwen2-MoE")}
 def test_targets_covering_the_experts_are_refused_naming_model_and_weights(name: str, method: object) -> None:
     model = MOE[name].build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TypeError, match=r"covers the experts of (Mixtral|Qwen2Moe)ForCausalLM.*3-D parameters"):
+    with pytest.raises(
+        TypeError, match=r"covers the experts of (Mixtral|Qwen2Moe)ForCausalLM.*3-D parameters"
+    ):
         apply_peft(model, method())  # type: ignore[operator]
     assert all(p.requires_grad for p in model.parameters())  # untouched
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
