@@ -90,7 +90,9 @@ def test_refuses_an_encoder_decoder_model_whose_decoder_depth_differs_untouched(
         vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=2, num_heads=2
     )
     model = T5ForConditionalGeneration(config)
-    with pytest.raises(ValueError, match="T5ForConditionalGeneration has 2 decoder layers but num_hidden_layers=1"):
+    with pytest.raises(
+        ValueError, match="T5ForConditionalGeneration has 2 decoder layers but num_hidden_layers=1"
+    ):
         apply_peft(model, PrefixTuning())
     assert not any(True for _ in peft_layers(model)) and all(p.requires_grad for p in model.parameters())
 

@@ -52,11 +52,15 @@ class EncoderDecoderPrefixLayer(PrefixLayer):
         batch, length, device = self.batch_and_length(kwargs)
         prefilled = self.cache_length(cache) == 0
         if prefilled:
-            cache = self.new_cache() if cache is None or not hasattr(cache, "cross_attention_cache") else cache
+            cache = (
+                self.new_cache() if cache is None or not hasattr(cache, "cross_attention_cache") else cache
+            )
             weight = self.base_layer.get_input_embeddings().weight
             dtype = weight.dtype if weight.is_floating_point() else torch.float32
             for layer in range(layers):
-                cache.self_attention_cache.update(*self.layer_key_values((2 * layer) % layers, batch, dtype), layer)
+                cache.self_attention_cache.update(
+                    *self.layer_key_values((2 * layer) % layers, batch, dtype), layer
+                )
                 if self.cross_attention_prefix:
                     cross = self.layer_key_values((2 * layer + 1) % layers, batch, dtype)
                     cache.cross_attention_cache.update(*cross, layer)
