@@ -21,10 +21,10 @@ from lightning.fabric.utilities.init import _EmptyInit, _materialize_distributed
 from torch import nn
 
 from lightning_peft import (
-    DoRA,
     IA3,
     Adapter,
     BitFit,
+    DoRA,
     LoRA,
     PEFTCallback,
     PEFTMethod,

@@ -22,10 +22,10 @@ from torch import nn
 from zoo_models import ZOO, ZooModel
 
 from lightning_peft import (
-    DoRA,
     IA3,
     Adapter,
     BitFit,
+    DoRA,
     LoRA,
     PEFTMethod,
     PrefixTuning,
