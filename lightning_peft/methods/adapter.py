@@ -212,10 +212,10 @@ class Adapter(PEFTMethod):
         model_type = model_type_of(model)
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(
-                f"target_modules=None: Adapter has no default placement for {model_description(model)} "
-                f"(model_type={model_type!r}); pass "
-                f"target_modules naming the projections after which adapters go (e.g. the attention output "
-                f"and feed-forward output layers). Known defaults: {sorted(DEFAULT_TARGETS)}"
+                f"target_modules=None: Adapter on {model_description(model)} has no default placement for "
+                f"model_type={model_type!r}; pass target_modules naming the projections after which adapters "
+                "go (e.g. the attention output and feed-forward output layers). "
+                f"{len(DEFAULT_TARGETS)} model types have defaults, listed in lightning_peft/hf_targets.py"
             )
         attention_out, ffn_out = DEFAULT_TARGETS[model_type]
         return [attention_out, ffn_out] if self.placement == "houlsby" else [ffn_out]

@@ -60,9 +60,9 @@ def default_targets(model: nn.Module, table: dict[str, list[str]], method: str) 
     if model_type in table:
         return list(table[model_type])
     raise ValueError(
-        f"target_modules=None: {method} has no default targets for {model_description(model)} "
-        f"(model_type={model_type!r}); pass "
-        f"target_modules explicitly (known defaults: {sorted(table)})"
+        f"target_modules=None: {method} on {model_description(model)} has no default targets for "
+        f"model_type={model_type!r}; pass target_modules explicitly ({len(table)} model types have defaults, "
+        "listed in lightning_peft/hf_targets.py)"
     )
 
 
