@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning.pytorch as pl  # noqa: E402
-from helpers import DictDataset, HFModule, tiny_bert  # noqa: E402
+from helpers import DictDataset, HFModule, every_method, tiny_bert  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy  # noqa: E402
@@ -30,16 +30,11 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
 from lightning_peft import (  # noqa: E402
-    IA3,
-    Adapter,
-    BitFit,
-    DoRA,
     LoRA,
     PEFTCallback,
     PEFTMethod,
     PEFTMixin,
     PrefixTuning,
-    PromptTuning,
     adapter_state_dict,
     save_adapter,
 )
@@ -376,15 +371,7 @@ def run_fsdp2(out: Path, results: dict[str, Any]) -> None:
 
 
 # -- FSDP2 on the meta device: every method starts at its init after Lightning's materialisation -----------
-META_METHODS = {
-    "lora": lambda: LoRA(r=4),
-    "dora": lambda: DoRA(r=4),
-    "ia3": IA3,
-    "adapter": lambda: Adapter(bottleneck_size=4),
-    "prefix": lambda: PrefixTuning(num_virtual_tokens=4),
-    "prompt": lambda: PromptTuning(num_virtual_tokens=4),
-    "bitfit": BitFit,
-}
+META_METHODS = every_method()
 
 
 class MetaMixinModule(PEFTMixin, DDPModule):

@@ -16,36 +16,21 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import HFModule, hf_loader, tiny_batch, tiny_bert
+from helpers import HFModule, every_method, fast_trainer, hf_loader, tiny_batch, tiny_bert
 from lightning.fabric.utilities.init import _EmptyInit, _materialize_distributed_module
 from torch import nn
 
 from lightning_peft import (
-    IA3,
-    Adapter,
-    BitFit,
-    DoRA,
-    LoRA,
     PEFTCallback,
     PEFTMethod,
     PEFTMixin,
-    PrefixTuning,
-    PromptTuning,
     apply_peft,
     remove_peft,
     trainable_parameter_names,
 )
 from lightning_peft.participation import disarm, start_training
 
-METHODS = {
-    "lora": lambda: LoRA(r=4),
-    "dora": lambda: DoRA(r=4),
-    "ia3": IA3,
-    "adapter": lambda: Adapter(bottleneck_size=4),
-    "prefix": lambda: PrefixTuning(num_virtual_tokens=4),
-    "prompt": lambda: PromptTuning(num_virtual_tokens=4),
-    "bitfit": BitFit,
-}
+METHODS = every_method()
 IDENTITY = {"lora", "dora", "ia3", "adapter", "bitfit"}
 
 
@@ -131,15 +116,7 @@ class LoadedBaseMixin(PEFTMixin, HFModule):
 
 
 def fit(module: pl.LightningModule, callbacks: list[pl.Callback], reference: nn.Module) -> None:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    trainer = fast_trainer(".", max_steps=1, callbacks=callbacks, deterministic=False)
     with trainer.init_module(empty_init=True):
         built = module()  # type: ignore[operator]
     built.model.load_state_dict(reference.state_dict())  # the user's pretrained base weights

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import HFModule, hf_loader, tiny_bert
+from helpers import HFModule, fast_trainer, hf_loader, tiny_bert
 from zoo_models import ZOO
 
 from lightning_peft import IA3, LoRA, PEFTCallback, PromptTuning, apply_peft, load_adapter, save_adapter
@@ -15,15 +15,7 @@ ZOO_BY_NAME = {z.name: z for z in ZOO}
 
 
 def fit(module: pl.LightningModule, method: object) -> None:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[PEFTCallback(method, verbose=False)],  # type: ignore[arg-type]
-    )
+    trainer = fast_trainer(".", max_steps=1, callbacks=[PEFTCallback(method, verbose=False)])  # type: ignore[arg-type]
     trainer.fit(module, hf_loader("bert", n=4, batch_size=2))
 
 
