@@ -408,7 +408,7 @@ class MetaProbe(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)  # every rank gets every tensor
         full = get_model_state_dict(pl_module.model, options=options)  # a collective: every rank calls
         plain = tiny_bert(seed=7)
         wanted = plain.state_dict()
