@@ -147,7 +147,7 @@ IA3_FEEDFORWARD: dict[str, list[str]] = {
 #: bottleneck adapters: (attention output projection, feed-forward output projection); "pfeiffer" placement
 #: uses the second, "houlsby" both
 _LLAMA_ADAPTER = ("self_attn.o_proj", "mlp.down_proj")
-ADAPTER_TARGETS: dict[str, tuple[str, str]] = {
+ADAPTER_PLACEMENT: dict[str, tuple[str, str]] = {
     **_family(BERT_LIKE, (_BERT_ATTN_OUT, r"(.*\.)?layer\.\d+\.output\.dense")),  # type: ignore[dict-item]
     "deberta-v2": (_BERT_ATTN_OUT, r"(.*\.)?layer\.\d+\.output\.dense"),
     "albert": (r"(.*\.)?attention\.dense", r"(.*\.)?ffn_output"),

@@ -27,17 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft.hf import model_description
 from lightning_peft.methods.base import PEFTLayer, PEFTMethod
-
-#: on a watched layer: whether it ran since :func:`arm`
-_CALLED = "_lightning_peft_called"
-#: on the root module: the pre-hook handles of the watched layers
-_ARMED = "_lightning_peft_armed"
+from lightning_peft.record import attached_methods, ensure_record, get_record
 
 
 def _methods(module: nn.Module) -> list[PEFTMethod]:
-    from lightning_peft.model import attached_methods
-
     return list(attached_methods(module) or [])
 
 
@@ -53,38 +48,35 @@ def layers_of(module: nn.Module, method: PEFTMethod) -> list[tuple[str, PEFTLaye
     return [(n, m) for n, m in module.named_modules() if isinstance(m, PEFTLayer) and type(m) in types]
 
 
-def model_description(module: nn.Module) -> str:
-    """The transformers model class inside ``module`` (what the user recognises), else ``module``'s class."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        PreTrainedModel = ()  # type: ignore[assignment,misc]  # noqa: N806
-    inner = [type(m).__name__ for m in module.modules() if isinstance(m, PreTrainedModel)]
-    return inner[0] if inner else type(module).__name__
-
-
 class _MarkCalled:
     """Forward pre-hook: the layer ran. An object, not a closure, so the model still pickles (ddp_spawn)."""
 
+    def __init__(self) -> None:
+        self.called = False
+
     def __call__(self, layer: nn.Module, args: Any) -> None:
-        layer.__dict__[_CALLED] = True
+        self.called = True
 
 
 def arm(module: nn.Module) -> None:
     """Watch every PEFT layer of ``module`` until the next :func:`check_forward`."""
     disarm(module)
-    handles = []
+    watched = []
     for _, layer in _all_layers(module):
-        layer.__dict__[_CALLED] = False
-        handles.append(layer.register_forward_pre_hook(_MarkCalled()))
-    module.__dict__[_ARMED] = handles
+        marker = _MarkCalled()
+        watched.append((layer, marker, layer.register_forward_pre_hook(marker)))
+    ensure_record(module).watched = watched
 
 
-def disarm(module: nn.Module) -> bool:
-    handles = module.__dict__.pop(_ARMED, None)
-    for handle in handles or ():
+def disarm(module: nn.Module) -> list[tuple[nn.Module, Any, Any]] | None:
+    """Stop watching; returns what was watched (``None`` when nothing was)."""
+    record = get_record(module)
+    watched = record.watched if record is not None else None
+    if record is not None:
+        record.watched = None
+    for _, _, handle in watched or ():
         handle.remove()
-    return handles is not None
+    return watched
 
 
 def _all_layers(module: nn.Module) -> Iterable[tuple[str, PEFTLayer]]:
@@ -101,10 +93,10 @@ def start_training(module: nn.Module) -> None:
 
 def check_forward(module: nn.Module, loss: Any = None) -> None:
     """After the first watched forward: raise when an attached method took no part in it."""
-    if module.__dict__.get(_ARMED) is None:
+    watched = disarm(module)
+    if watched is None:
         return
-    called = {id(m) for _, m in _all_layers(module) if m.__dict__.pop(_CALLED, False)}
-    disarm(module)
+    called = {id(layer) for layer, marker, _ in watched if marker.called}
     described = model_description(module)
     for method in _methods(module):
         layers = layers_of(module, method)
@@ -161,16 +153,17 @@ class _FirstInference:
     """Forward hook on the root of a model given to ``load_adapter``: checks its first call, then goes."""
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        handle = module.__dict__.pop("_lightning_peft_first_inference", None)
-        if handle is not None:
-            handle.remove()
+        record = get_record(module)
+        if record is not None and record.first_inference is not None:
+            record.first_inference.remove()
+            record.first_inference = None
         check_forward(module)
 
 
 def watch_first_inference(model: nn.Module) -> None:
     """``load_adapter``: the first forward of ``model`` checks that every method took part."""
     arm(model)
-    old = model.__dict__.pop("_lightning_peft_first_inference", None)
-    if old is not None:
-        old.remove()
-    model.__dict__["_lightning_peft_first_inference"] = model.register_forward_hook(_FirstInference())
+    record = ensure_record(model)
+    if record.first_inference is not None:
+        record.first_inference.remove()
+    record.first_inference = model.register_forward_hook(_FirstInference())

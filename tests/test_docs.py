@@ -130,8 +130,9 @@ def test_every_page_is_in_the_nav() -> None:
 
 def test_documented_default_targets() -> None:
     # rows of the default-target tables of docs/methods/{lora,ia3,adapters}.md; update them when this fails
+    from lightning_peft import hf_targets
     from lightning_peft.hf_targets import BERT_FFN_OUT
-    from lightning_peft.methods import adapter, ia3, lora
+    from lightning_peft.methods import adapter
 
     llama_like = ("llama", "mistral", "qwen2", "gemma", "gemma2", "granite", "olmo")
     lora_rows = {
@@ -147,7 +148,7 @@ def test_documented_default_targets() -> None:
         ),
         **dict.fromkeys(("t5", "mt5", "umt5", "longt5"), ["q", "v"]),
     }
-    assert {k: lora.DEFAULT_TARGETS[k] for k in lora_rows} == lora_rows
+    assert {k: hf_targets.LORA_TARGETS[k] for k in lora_rows} == lora_rows
     ia3_rows = {
         "bert": (["key", "value", BERT_FFN_OUT], [BERT_FFN_OUT]),
         "albert": (["key", "value", "ffn_output"], ["ffn_output"]),
@@ -166,8 +167,8 @@ def test_documented_default_targets() -> None:
         **dict.fromkeys(("t5", "mt5", "umt5"), (["k", "v", "wo"], ["wo"])),
     }
     for model_type, (targets, feedforward) in ia3_rows.items():
-        assert ia3.DEFAULT_TARGETS[model_type] == targets, model_type
-        assert ia3.DEFAULT_FEEDFORWARD[model_type] == feedforward, model_type
+        assert hf_targets.IA3_TARGETS[model_type] == targets, model_type
+        assert hf_targets.IA3_FEEDFORWARD[model_type] == feedforward, model_type
     bert_like = (r"(.*\.)?attention\.output\.dense", r"(.*\.)?layer\.\d+\.output\.dense")
     adapter_rows = {
         **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "deberta-v2"), bert_like),
@@ -180,8 +181,8 @@ def test_documented_default_targets() -> None:
         **dict.fromkeys(("opt", "bart", "mbart", "marian", "pegasus"), ("self_attn.out_proj", "fc2")),
         **dict.fromkeys(("t5", "mt5", "umt5"), ("SelfAttention.o", "DenseReluDense.wo")),
     }
-    assert {k: tuple(adapter.DEFAULT_TARGETS[k]) for k in adapter_rows} == adapter_rows
-    assert "mixtral" not in adapter.DEFAULT_TARGETS and "qwen2_moe" not in adapter.DEFAULT_TARGETS
+    assert {k: tuple(hf_targets.ADAPTER_PLACEMENT[k]) for k in adapter_rows} == adapter_rows
+    assert "mixtral" not in hf_targets.ADAPTER_PLACEMENT and "qwen2_moe" not in hf_targets.ADAPTER_PLACEMENT
     assert adapter.DEFAULT_REDUCTION_FACTOR == 16
     assert sorted(adapter.ACTIVATIONS) == sorted(
         ["relu", "gelu", "gelu_tanh", "silu", "swish", "tanh", "sigmoid", "leaky_relu"]

@@ -27,11 +27,23 @@ from typing import Any
 
 import torch
 
-from lightning_peft.methods.prefix import NO_CACHE, PrefixLayer
+#: the error when the decoder did not use the cache that carries the prefix
+NO_CACHE = "the model did not use its key/value cache, which carries the prefix"
 
 
-class EncoderDecoderPrefixLayer(PrefixLayer):
-    """Wraps the decoder of an encoder-decoder model (see the module docstring)."""
+class EncoderDecoderPrefix:
+    """The encoder-decoder forward of :class:`~lightning_peft.methods.prefix.EncoderDecoderPrefixLayer` (a
+    mixin over ``PrefixLayer``, whose parameters and per-layer prefixes it uses; see the module docstring)."""
+
+    base_layer: Any
+    num_virtual_tokens: int
+    geometry: Any
+    _cache_key: str
+    bind: Any
+    pop_cache: Any
+    batch_and_length: Any
+    cache_length: Any
+    layer_key_values: Any
 
     #: also prefix the cross-attention (see the module docstring); set by PrefixTuning.inject
     cross_attention_prefix: bool = False

@@ -22,40 +22,23 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft.hf import base_model_name, pretrained_model_class
+from lightning_peft.hf import task_type_of as hf_task_type
 from lightning_peft.methods.base import PEFTLayer
 
 #: keyword under which the backbone takes its key/value cache (transformers ≥ 5.2x, then older releases)
 CACHE_KEYS = ("cache", "past_key_values")
 
 
-def pretrained_model_type() -> type | None:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is needed for these methods only
-        return None
-    return PreTrainedModel
-
-
 def find_outer(model: nn.Module, method: str) -> tuple[str, nn.Module]:
-    """``(name, module)`` of the unique outermost transformers ``PreTrainedModel`` in ``model``."""
-    pretrained = pretrained_model_type()
-    if pretrained is None:  # pragma: no cover
-        raise ValueError(f"{method} needs the transformers library")
-    found = [n for n, m in model.named_modules() if isinstance(m, pretrained)]
-    outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n and o)]
-    if "" in found:
-        outer = [""]
-    if not outer:
+    """``(name, module)`` of the base transformers model in ``model`` (:func:`lightning_peft.hf.base_model_name`)."""
+    outer_name = base_model_name(model)  # raises when several transformers models are present
+    if outer_name is None:
         raise ValueError(
             f"{method} adds virtual tokens to a transformers model, but {type(model).__name__} contains no "
             "transformers PreTrainedModel"
         )
-    if len(outer) > 1:
-        raise ValueError(
-            f"{method}: {type(model).__name__} contains {len(outer)} separate transformers models {outer}; "
-            "apply the method to the one module that should get virtual tokens"
-        )
-    return outer[0], model.get_submodule(outer[0])
+    return outer_name, model.get_submodule(outer_name)
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
@@ -80,8 +63,9 @@ def find_backbone(model: nn.Module, method: str) -> tuple[str, nn.Module, bool]:
     """The module to wrap: ``(name, outer transformers model, whether the backbone is that model itself)``.
 
     The outermost ``PreTrainedModel`` in ``model`` must be unique; its backbone is ``base_model`` (e.g.
-    ``bert`` of ``BertForSequenceClassification``). A backbone without a head is wrapped itself, which needs a
-    parent module to hold the wrapper.
+    ``bert`` of ``BertForSequenceClassification``), or the innermost transformers model inside it that every
+    forward path reaches (:func:`innermost_backbone`). A backbone without a head is wrapped itself, which needs
+    a parent module to hold the wrapper.
     """
     outer_name, outer_model = find_outer(model, method)
     config = getattr(outer_model, "config", None)
@@ -119,7 +103,7 @@ def innermost_backbone(backbone: nn.Module) -> nn.Module:
     path reaches is the innermost one that owns the input embedding and takes ``input_ids``/``inputs_embeds``
     (``OPTDecoder``); it is found by descending while exactly one such transformers model sits inside.
     """
-    pretrained = pretrained_model_type()
+    pretrained = pretrained_model_class()
     while pretrained is not None:
         embeddings = _embeddings_of(backbone)
         inner = [
@@ -161,19 +145,8 @@ def require_inputs(backbone: nn.Module, names: tuple[str, ...], method: str) -> 
 
 
 def task_type_of(model: nn.Module) -> str:
-    """HF PEFT's ``task_type`` for a transformers model, from its class name."""
-    name = type(model).__name__
-    for suffix, task in (
-        ("ForCausalLM", "CAUSAL_LM"),
-        ("LMHeadModel", "CAUSAL_LM"),
-        ("ForSequenceClassification", "SEQ_CLS"),
-        ("ForTokenClassification", "TOKEN_CLS"),
-        ("ForQuestionAnswering", "QUESTION_ANS"),
-        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
-    ):
-        if name.endswith(suffix):
-            return task
-    return "FEATURE_EXTRACTION"
+    """HF PEFT's ``task_type`` for a transformers model; a bare backbone is ``FEATURE_EXTRACTION``."""
+    return hf_task_type(model) or "FEATURE_EXTRACTION"
 
 
 def input_embedding_weight(backbone: nn.Module, method: str) -> torch.Tensor:

@@ -26,7 +26,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.hf_targets import ADAPTER_TARGETS
+from lightning_peft.hf import model_description, model_type_of
+from lightning_peft.hf_targets import ADAPTER_PLACEMENT
 from lightning_peft.methods.base import (
     AdapterLinear,
     PEFTLayer,
@@ -36,8 +37,8 @@ from lightning_peft.methods.base import (
     check_choice,
     check_positive_int,
 )
-from lightning_peft.methods.lora import model_type_of
 from lightning_peft.methods.registry import register_method
+from lightning_peft.record import mark_trainable
 from lightning_peft.targeting import (
     ModuleTargets,
     find_targets,
@@ -58,11 +59,6 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
 }
 DEFAULT_REDUCTION_FACTOR = 16
-
-#: (attention output projection, feed-forward output projection) per transformers ``model_type``. BERT's
-#: FFN output is ``layer.N.output.dense``; the plain suffix "output.dense" would also match
-#: ``attention.output.dense``, hence the regexes.
-DEFAULT_TARGETS: dict[str, tuple[str, str]] = ADAPTER_TARGETS
 
 
 def output_features(module: nn.Module) -> int | None:
@@ -207,17 +203,15 @@ class Adapter(PEFTMethod):
     def resolved_targets(self, model: nn.Module) -> list[str] | str:
         if self.target_modules is not None:
             return self.target_modules
-        from lightning_peft.participation import model_description
-
         model_type = model_type_of(model)
-        if model_type not in DEFAULT_TARGETS:
+        if model_type not in ADAPTER_PLACEMENT:
             raise ValueError(
                 f"target_modules=None: Adapter on {model_description(model)} has no default placement for "
                 f"model_type={model_type!r}; pass target_modules naming the projections after which adapters "
                 "go (e.g. the attention output and feed-forward output layers). "
-                f"{len(DEFAULT_TARGETS)} model types have defaults, listed in lightning_peft/hf_targets.py"
+                f"{len(ADAPTER_PLACEMENT)} model types have defaults, listed in lightning_peft/hf_targets.py"
             )
-        attention_out, ffn_out = DEFAULT_TARGETS[model_type]
+        attention_out, ffn_out = ADAPTER_PLACEMENT[model_type]
         return [attention_out, ffn_out] if self.placement == "houlsby" else [ffn_out]
 
     # -- the interface --------------------------------------------------------------------------------------
@@ -242,8 +236,6 @@ class Adapter(PEFTMethod):
         return targets
 
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
-        from lightning_peft.model import mark_trainable
-
         for name in targets:
             base = model.get_submodule(name)
             features = output_features(base)
@@ -262,7 +254,7 @@ class Adapter(PEFTMethod):
         for norm in norms:
             local = [n for n, _ in norm.named_parameters(recurse=False) if n in ("weight", "bias")]
             if local:
-                mark_trainable(norm, *local)
+                mark_trainable(model, norm, *local)
 
 
 def layernorms_near(model: nn.Module, targets: ModuleTargets) -> list[nn.Module]:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lightning_peft.methods._prefix_cache import has_hooks, install_hooks, make_read_only, remove_hooks
+from lightning_peft.methods._prefix_seq2seq import NO_CACHE, EncoderDecoderPrefix
 from lightning_peft.methods._virtual_tokens import (
     VirtualTokenLayer,
     cache_keyword,
@@ -48,7 +49,6 @@ from lightning_peft.methods.base import AdapterLinear, PEFTMethod, check_positiv
 from lightning_peft.methods.registry import register_method
 from lightning_peft.targeting import ModuleTargets, replace_module
 
-NO_CACHE = "the model did not use its key/value cache, which carries the prefix"
 NO_HOOK = (
     "the model dropped the key/value cache that carries the prefix (transformers does so inside "
     "gradient-checkpointed layers), and lightning-peft found no self-attention modules with a layer_idx and a "
@@ -231,6 +231,11 @@ class PrefixLayer(VirtualTokenLayer):
         )
 
 
+class EncoderDecoderPrefixLayer(EncoderDecoderPrefix, PrefixLayer):
+    """Prefix tuning on the decoder of an encoder-decoder model, in HF PEFT's layout
+    (:mod:`lightning_peft.methods._prefix_seq2seq`)."""
+
+
 @register_method
 @dataclass
 class PrefixTuning(PEFTMethod):
@@ -239,7 +244,7 @@ class PrefixTuning(PEFTMethod):
 
     method_name: ClassVar[str] = "prefix"
     #: the layers this method puts into a model (the participation check finds them by type)
-    layer_types: ClassVar[tuple[type, ...]] = (PrefixLayer,)
+    layer_types: ClassVar[tuple[type, ...]] = (PrefixLayer, EncoderDecoderPrefixLayer)
 
     num_virtual_tokens: int = 20
     """Number P of prefix positions in every attention layer (a positive integer)."""
@@ -346,9 +351,3 @@ class PrefixTuning(PEFTMethod):
             encoder_hidden_size=int(config.get("encoder_hidden_size") or 512),
             modules_to_save=list(dict.fromkeys(config.get("modules_to_save") or [])),
         )
-
-
-# the encoder-decoder layer subclasses PrefixLayer, so it lives in its own module, imported once this one exists
-from lightning_peft.methods._prefix_seq2seq import EncoderDecoderPrefixLayer  # noqa: E402
-
-PrefixTuning.layer_types = (PrefixLayer, EncoderDecoderPrefixLayer)
