@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lightning_peft.methods._prefix_cache import has_hooks, install_hooks, make_read_only, remove_hooks
+from lightning_peft.methods._prefix_interface import InterfacePrefix, uses_attention_interface
 from lightning_peft.methods._prefix_seq2seq import NO_CACHE, EncoderDecoderPrefix
 from lightning_peft.methods._virtual_tokens import (
     VirtualTokenLayer,
@@ -236,6 +237,11 @@ class EncoderDecoderPrefixLayer(EncoderDecoderPrefix, PrefixLayer):
     (:mod:`lightning_peft.methods._prefix_seq2seq`)."""
 
 
+class InterfacePrefixLayer(InterfacePrefix, PrefixLayer):
+    """Prefix tuning through the attention interface, for encoders without a key/value cache
+    (:mod:`lightning_peft.methods._prefix_interface`)."""
+
+
 @register_method
 @dataclass
 class PrefixTuning(PEFTMethod):
@@ -244,7 +250,7 @@ class PrefixTuning(PEFTMethod):
 
     method_name: ClassVar[str] = "prefix"
     #: the layers this method puts into a model (the participation check finds them by type)
-    layer_types: ClassVar[tuple[type, ...]] = (PrefixLayer, EncoderDecoderPrefixLayer)
+    layer_types: ClassVar[tuple[type, ...]] = (PrefixLayer, EncoderDecoderPrefixLayer, InterfacePrefixLayer)
 
     num_virtual_tokens: int = 20
     """Number P of prefix positions in every attention layer (a positive integer)."""
@@ -281,10 +287,11 @@ class PrefixTuning(PEFTMethod):
         backbone = model.get_submodule(name)
         require_inputs(backbone, ("attention_mask",), type(self).__name__)
         input_embedding_weight(backbone, type(self).__name__)
-        if cache_keyword(backbone) is None:
+        if cache_keyword(backbone) is None and not uses_attention_interface(backbone):
             raise ValueError(
                 f"{type(self).__name__}: {type(backbone).__name__}.forward takes no key/value cache, which prefix "
-                "tuning uses to add the prefixes"
+                "tuning uses to add the prefixes, and its attention does not use transformers' attention "
+                "interface, the other way in"
             )
         geometry = kv_geometry(outer.config, type(self).__name__)
         if geometry.kv_dim <= 0 or geometry.layers <= 0:
@@ -306,7 +313,8 @@ class PrefixTuning(PEFTMethod):
         name, outer, wraps_outer, seq2seq = self.wrapped(model)
         backbone = model.get_submodule(name)
         geometry = kv_geometry(outer.config, type(self).__name__)
-        layer = (EncoderDecoderPrefixLayer if seq2seq else PrefixLayer)(
+        cls = PrefixLayer if cache_keyword(backbone) is not None else InterfacePrefixLayer
+        layer = (EncoderDecoderPrefixLayer if seq2seq else cls)(
             backbone,
             self.num_virtual_tokens,
             geometry,
