@@ -44,8 +44,11 @@ def layer_types(method: PEFTMethod) -> tuple[type, ...]:
 
 
 def layers_of(module: nn.Module, method: PEFTMethod) -> list[tuple[str, PEFTLayer]]:
+    """The active layers of ``method``'s type (a switched-off adapter takes no part by design)."""
     types = layer_types(method)
-    return [(n, m) for n, m in module.named_modules() if isinstance(m, PEFTLayer) and type(m) in types]
+    return [
+        (n, m) for n, m in module.named_modules() if isinstance(m, PEFTLayer) and type(m) in types and m.active
+    ]
 
 
 class _MarkCalled:
@@ -124,17 +127,18 @@ def check_method_gradients(module: nn.Module, missing: list[str]) -> None:
     from lightning_peft.model import trainable_parameter_names
 
     missing_set = set(missing)
+    trainable = set(trainable_parameter_names(module))
     owned: set[str] = set()
     for method in _methods(module):
         names = []
         for layer_name, layer in layers_of(module, method):
             prefix = f"{layer_name}." if layer_name else ""
-            names += [prefix + local for local in layer.peft_parameter_names()]
+            names += [prefix + local for local in layer.peft_parameter_names() if prefix + local in trainable]
         owned.update(names)
         if layers_of(module, method) and names and all(n in missing_set for n in names):
             _raise_no_gradient(module, method, names)
     # methods without layers (BitFit): their tensors are the remaining trainable ones
-    rest = [n for n in trainable_parameter_names(module) if n not in owned]
+    rest = sorted(n for n in trainable if n not in owned)
     for method in _methods(module):
         if not layers_of(module, method) and rest and all(n in missing_set for n in rest):
             _raise_no_gradient(module, method, rest)
