@@ -47,7 +47,9 @@ def layers_of(module: nn.Module, method: PEFTMethod) -> list[tuple[str, PEFTLaye
     """The active layers of ``method``'s type (a switched-off adapter takes no part by design)."""
     types = layer_types(method)
     return [
-        (n, m) for n, m in module.named_modules() if isinstance(m, PEFTLayer) and type(m) in types and m.active
+        (n, m)
+        for n, m in module.named_modules()
+        if isinstance(m, PEFTLayer) and type(m) in types and m.active
     ]
 
 
