@@ -31,6 +31,7 @@ from lightning_peft.model import (
     state_dict_key,
     trainable_parameter_names,
 )
+from lightning_peft.participation import watch_first_inference
 from lightning_peft.reader import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -212,6 +213,7 @@ def load_adapter(
         raise
     with only_adapter(model, adapter_name):
         load_adapter_state(model, state, adapter.source)
+    watch_first_inference(model)  # the first forward checks that every method took part (participation.py)
     return model
 
 

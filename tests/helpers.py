@@ -290,3 +290,18 @@ def generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int
     return model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0
     )
+
+
+def every_method() -> dict[str, Callable[[], Any]]:
+    """A small configuration of each of the 7 methods with default targets (BERT-sized tiny models)."""
+    from lightning_peft import IA3, Adapter, BitFit, DoRA, LoRA, PrefixTuning, PromptTuning
+
+    return {
+        "lora": lambda: LoRA(r=4),
+        "dora": lambda: DoRA(r=4),
+        "ia3": IA3,
+        "adapter": lambda: Adapter(bottleneck_size=4),
+        "prefix": lambda: PrefixTuning(num_virtual_tokens=4),
+        "prompt": lambda: PromptTuning(num_virtual_tokens=4),
+        "bitfit": BitFit,
+    }

@@ -63,6 +63,12 @@ class IA3Layer(PEFTLayer):
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.register_buffer("_unmerged_bias", None, persistent=False)
 
+    def reset_parameters(self) -> None:
+        """l = 1: the identity."""
+        if self.ia3_l.device.type != "meta":
+            with torch.no_grad():
+                self.ia3_l.fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
@@ -121,6 +127,8 @@ class IA3(PEFTMethod):
     feed-forward targets, with ``l`` a trained vector initialised to ones."""
 
     method_name: ClassVar[str] = "ia3"
+    #: the layers this method puts into a model (the participation check finds them by type)
+    layer_types: ClassVar[tuple[type, ...]] = (IA3Layer,)
     mergeable: ClassVar[bool] = True
 
     target_modules: list[str] | str | None = None

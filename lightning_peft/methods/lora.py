@@ -29,6 +29,7 @@ from lightning_peft.methods.base import (
     check_positive_float,
     check_positive_int,
     check_probability,
+    kaiming_uniform_,
 )
 from lightning_peft.methods.peft_interop import lora_kwargs_from_peft_config, lora_peft_config
 from lightning_peft.methods.registry import register_method
@@ -74,11 +75,17 @@ class LoRALinear(PEFTLayer):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         self.reset_lora_parameters()
 
+    def reset_parameters(self) -> None:
+        """A Kaiming-uniform (a = √5), B zero: the identity. Written with tensor methods rather than
+        ``torch.nn.init``, which ``Trainer.init_module(empty_init=True)`` turns into no-ops: a new adapter is
+        never loaded from the base checkpoint, so it must always be initialised."""
+        kaiming_uniform_(self.lora_A, self.in_features)
+        if self.lora_B.device.type != "meta":
+            with torch.no_grad():
+                self.lora_B.zero_()
+
     def reset_lora_parameters(self) -> None:
-        if self.lora_A.device.type == "meta":
-            return
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        self.reset_parameters()
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A as an (out, in) matrix."""
