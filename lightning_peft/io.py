@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_peft.distributed import check_saveable, is_global_zero
 from lightning_peft.methods import PEFTLayer, PEFTMethod, method_from_dict
+from lightning_peft.methods.peft_interop import unsupported_peft_type
 from lightning_peft.methods.registry import _REGISTRY
 from lightning_peft.model import (
     adapter_state_dict,
@@ -31,6 +32,7 @@ from lightning_peft.model import (
     state_dict_key,
     trainable_parameter_names,
 )
+from lightning_peft.peft_format import from_file_keys, to_file_keys
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -133,6 +135,7 @@ def save_adapter(model: nn.Module, path: PathLike) -> Path:
     if not is_global_zero():
         return folder  # every rank gathered (a collective under FSDP2); one writes
     config, meta = adapter_config_dict(model)
+    tensors = to_file_keys(tensors, config)
     save_file(
         tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", CHECKPOINT_KEY: json.dumps(meta)}
     )
@@ -158,10 +161,7 @@ def read_adapter_config(path: PathLike) -> list[PEFTMethod]:
         method = cls.from_peft_config(config)
         if method is not None:
             return [method]
-    raise ValueError(
-        f"{config_file}: peft_type={config.get('peft_type')!r} is not one lightning-peft can load; "
-        f"known methods: {sorted(_REGISTRY)}"
-    )
+    raise unsupported_peft_type(config, str(config_file))
 
 
 def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
@@ -182,6 +182,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     try:
         mapping = file_key_map(model)
         inverse = {file_key: name for name, file_key in mapping.items()}
+        tensors = from_file_keys(tensors, set(inverse))
         unexpected = sorted(set(tensors) - set(inverse))
         if unexpected:
             raise ValueError(

@@ -26,7 +26,6 @@ from torch import nn
 from lightning_peft.methods.base import EXACT_UNMERGE_EPS, PEFTLayer, PEFTMethod, _as_str_list
 from lightning_peft.methods.lora import default_targets, is_lora_target, model_type_of
 from lightning_peft.methods.peft_interop import (
-    check_supported_peft_options,
     modules_to_save_from_peft,
     peft_common_config,
     peft_module_list,
@@ -57,8 +56,6 @@ DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
     "mistral": ["down_proj"],
     "qwen2": ["down_proj"],
 }
-#: HF PEFT IA3 options lightning-peft does not implement, with the value that means "off"
-UNSUPPORTED_IA3_OPTIONS: dict[str, Any] = {"init_ia3_weights": True}
 
 
 class IA3Layer(PEFTLayer):
@@ -236,7 +233,7 @@ class IA3(PEFTMethod):
     def from_peft_config(cls, config: dict[str, Any]) -> PEFTMethod | None:
         if config.get("peft_type") != "IA3":
             return None
-        check_supported_peft_options(config, UNSUPPORTED_IA3_OPTIONS)
+        # init_ia3_weights only says where training started (ones, or random): it never blocks a load
         return cls(
             target_modules=config.get("target_modules"),
             feedforward_modules=config.get("feedforward_modules") or [],
