@@ -1,6 +1,7 @@
 """lightning-peft: parameter-efficient fine-tuning for PyTorch Lightning."""
 
 from lightning_peft.callback import PEFTCallback
+from lightning_peft.combine_folders import combine_adapters
 from lightning_peft.io import load_adapter, load_peft_checkpoint, save_adapter
 from lightning_peft.methods import (
     IA3,
@@ -44,6 +45,7 @@ __all__ = [
     "adapter_state_dict",
     "apply_peft",
     "available_methods",
+    "combine_adapters",
     "count_parameters",
     "load_adapter",
     "load_peft_checkpoint",

@@ -164,6 +164,25 @@ def read_adapter_config(path: PathLike) -> list[PEFTMethod]:
     raise unsupported_peft_type(config, str(config_file))
 
 
+def file_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file keyed by the attached adapter's state-dict names; an unexpected or a
+    missing tensor is an error naming it."""
+    mapping = file_key_map(model)
+    inverse = {file_key: name for name, file_key in mapping.items()}
+    tensors = from_file_keys(tensors, set(inverse))
+    unexpected = sorted(set(tensors) - set(inverse))
+    if unexpected:
+        raise ValueError(
+            f"{source}: tensor {unexpected[0]!r} does not belong to the attached adapter "
+            f"({len(unexpected)} unexpected tensors; expected keys like {sorted(inverse)[:3]})"
+        )
+    state = {inverse[k]: v for k, v in tensors.items()}
+    missing = [mapping[n] for n in mapping if n not in state]
+    if missing:
+        raise ValueError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing)")
+    return state
+
+
 def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     """Load an adapter folder written by :func:`save_adapter` (or by HF PEFT for LoRA/DoRA/IA3) onto ``model``.
 
@@ -180,19 +199,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     if attached_here:
         apply_peft(model, methods)
     try:
-        mapping = file_key_map(model)
-        inverse = {file_key: name for name, file_key in mapping.items()}
-        tensors = from_file_keys(tensors, set(inverse))
-        unexpected = sorted(set(tensors) - set(inverse))
-        if unexpected:
-            raise ValueError(
-                f"{weights_file}: tensor {unexpected[0]!r} does not belong to the attached adapter "
-                f"({len(unexpected)} unexpected tensors; expected keys like {sorted(inverse)[:3]})"
-            )
-        state = {inverse[k]: v for k, v in tensors.items()}
-        missing = [mapping[n] for n in mapping if n not in state]
-        if missing:
-            raise ValueError(f"{weights_file}: tensor {missing[0]!r} is missing ({len(missing)} missing)")
+        state = file_state(model, tensors, str(weights_file))
         check_adapter_state(model, state, str(weights_file))
     except Exception:
         if attached_here:
