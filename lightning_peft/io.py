@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_peft.distributed import check_saveable, is_global_zero
+from lightning_peft.fingerprint import check_base, fingerprint_record
+from lightning_peft.hub import resolve_adapter_path
 from lightning_peft.methods import PEFTLayer, PEFTMethod, method_from_dict
 from lightning_peft.methods.peft_interop import unsupported_peft_type
 from lightning_peft.methods.registry import _REGISTRY
@@ -98,6 +100,7 @@ def adapter_config_dict(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any
         "format_version": FORMAT_VERSION,
         "methods": [m.to_dict() for m in methods],
         "base_prefix": base_prefix(model),
+        **fingerprint_record(model),
     }
     peft_config = methods[0].peft_config(model) if len(methods) == 1 else None
     return (peft_config if peft_config else {CHECKPOINT_KEY: meta}), meta
@@ -183,15 +186,19 @@ def file_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) 
     return state
 
 
-def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load an adapter folder written by :func:`save_adapter` (or by HF PEFT for LoRA/DoRA/IA3) onto ``model``.
+def load_adapter(model: nn.Module, path: PathLike, *, allow_base_mismatch: bool = False) -> nn.Module:
+    """Load an adapter folder written by :func:`save_adapter` (or by HF PEFT) onto ``model``; ``path`` may also be
+    a Hub repository id (``"org/name"``), fetched with ``huggingface_hub`` (from its cache with HF_HUB_OFFLINE=1).
 
-    The adapter is attached first if ``model`` has none. Every tensor is checked against the model before
-    anything is loaded; on a mismatch the error names the tensor and both shapes and the model is unchanged.
+    The adapter is attached first if ``model`` has none. A folder that records its base model (every folder
+    ``save_adapter`` writes) is refused on a different base unless ``allow_base_mismatch=True``. Every tensor is
+    checked against the model before anything is loaded; on a mismatch the error names the tensor and both
+    shapes and the model is unchanged.
     """
-    folder = Path(path)
+    folder = resolve_adapter_path(path)
     weights_file = folder / ADAPTER_WEIGHTS
     methods = read_adapter_config(folder)
+    check_base(model, folder, allow_base_mismatch)
     if not weights_file.is_file():
         raise FileNotFoundError(f"path={str(path)!r} holds no {ADAPTER_WEIGHTS}")
     tensors = load_file(str(weights_file))

@@ -1,0 +1,136 @@
+"""A fingerprint of the base model an adapter was saved on, and the check that loading uses it on the same kind
+of base.
+
+``save_adapter`` records, beside the method configuration (in ``adapter_config.json`` under
+``"lightning_peft"``, or in the safetensors header where the JSON is HF PEFT's own):
+
+* ``library_version``: the lightning-peft version that wrote the folder;
+* ``base.architecture``: the class of the transformers model (or of the module given, for plain PyTorch);
+* ``base.targets``: every adapted module (name relative to the transformers model) → the shape of the weight it
+  adapts (the input embedding matrix for prompt and prefix tuning, which wrap a whole backbone);
+* ``base.tensors``: every base tensor the adapter trains in full (``modules_to_save``, BitFit's biases) → shape.
+
+``load_adapter`` compares that record with the model it is given *before* attaching anything, and refuses a
+different base with an error listing the differences, unless ``allow_base_mismatch=True``. Folders without a
+record (written by HF PEFT, or by older versions) load unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from torch import nn
+
+from lightning_peft.methods.base import PEFTLayer
+
+RECORD_KEY = "base"
+VERSION_KEY = "library_version"
+
+
+def _root(model: nn.Module) -> tuple[nn.Module, str]:
+    from lightning_peft.io import base_prefix
+
+    prefix = base_prefix(model)
+    return (model.get_submodule(prefix[:-1]) if prefix else model), prefix
+
+
+def _relative(name: str, prefix: str) -> str:
+    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
+
+
+def target_shape(module: nn.Module) -> list[int] | None:
+    """Shape of the weight an adapter layer adapts (an already wrapped layer answers for its base)."""
+    if isinstance(module, PEFTLayer):
+        module = module.base_layer
+    weight = getattr(module, "weight", None)
+    if weight is not None and hasattr(weight, "shape"):
+        return list(weight.shape)
+    get = getattr(module, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    weight = getattr(embedding, "weight", None)
+    return list(weight.shape) if weight is not None else None
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The record of the base of ``model``, which has an adapter attached."""
+    from lightning_peft.model import peft_layers, state_dict_key, trainable_parameter_names
+
+    root, prefix = _root(model)
+    layers = list(peft_layers(model))
+    targets = {_relative(name, prefix): target_shape(layer) for name, layer in layers}
+    owned = {f"{name}.{local}" for name, layer in layers for local in layer.peft_parameter_names()}
+    parameters = dict(model.named_parameters())
+    tensors = {
+        _relative(state_dict_key(name), prefix).replace(".base_layer.", "."): list(parameters[name].shape)
+        for name in trainable_parameter_names(model)
+        if name not in owned and name in parameters
+    }
+    return {"architecture": type(root).__name__, "targets": targets, "tensors": tensors}
+
+
+def fingerprint_record(model: nn.Module) -> dict[str, Any]:
+    """What ``save_adapter`` adds to its metadata."""
+    from lightning_peft import __version__
+
+    return {VERSION_KEY: __version__, RECORD_KEY: base_fingerprint(model)}
+
+
+def recorded_fingerprint(folder: Path) -> dict[str, Any] | None:
+    """The record in an adapter folder, or ``None`` when it has none."""
+    from lightning_peft.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_KEY
+
+    meta: dict[str, Any] | None = None
+    config_file = folder / ADAPTER_CONFIG
+    if config_file.is_file():
+        meta = json.loads(config_file.read_text()).get(CHECKPOINT_KEY)
+    weights_file = folder / ADAPTER_WEIGHTS
+    if meta is None and weights_file.is_file():
+        with safe_open(str(weights_file), "pt") as f:
+            text = (f.metadata() or {}).get(CHECKPOINT_KEY)
+        meta = json.loads(text) if text else None
+    return None if meta is None else meta.get(RECORD_KEY)
+
+
+def base_differences(model: nn.Module, record: dict[str, Any]) -> list[str]:
+    """How ``model`` differs from the recorded base (empty when it matches)."""
+    root, prefix = _root(model)
+    differences = []
+    if record.get("architecture") != type(root).__name__:
+        differences.append(f"architecture {record.get('architecture')} != {type(root).__name__}")
+    # names inside the transformers model are relative to it; others (a LightningModule's own head) are not
+    modules = {**dict(model.named_modules()), **dict(root.named_modules())}
+    for name, shape in (record.get("targets") or {}).items():
+        found = modules.get(name)
+        if found is None:
+            differences.append(f"target {name!r} does not exist")
+        elif target_shape(found) != shape:
+            differences.append(f"target {name!r} has shape {target_shape(found)}, not {shape}")
+    parameters = {
+        k.replace(".base_layer.", "."): v for k, v in [*model.named_parameters(), *root.named_parameters()]
+    }
+    for name, shape in (record.get("tensors") or {}).items():
+        found = parameters.get(name)
+        if found is None:
+            differences.append(f"tensor {name!r} does not exist")
+        elif list(found.shape) != shape:
+            differences.append(f"tensor {name!r} has shape {list(found.shape)}, not {shape}")
+    return differences
+
+
+def check_base(model: nn.Module, folder: Path, allow_base_mismatch: bool) -> None:
+    """Refuse to load the adapter in ``folder`` onto a base that differs from the one it was saved on."""
+    record = recorded_fingerprint(folder)
+    if record is None or allow_base_mismatch:
+        return
+    differences = base_differences(model, record)
+    if differences:
+        shown = "; ".join(differences[:5]) + (
+            f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
+        )
+        raise ValueError(
+            f"{folder}: the adapter was saved on a different base model ({len(differences)} differences: {shown}). "
+            "Pass allow_base_mismatch=True to load_adapter to load it anyway"
+        )
