@@ -45,6 +45,10 @@ def target_shape(module: nn.Module) -> list[int] | None:
     """Shape of the weight an adapter layer adapts (an already wrapped layer answers for its base)."""
     if isinstance(module, PEFTLayer):
         module = module.base_layer
+    if isinstance(module, nn.Linear):
+        # the logical shape: a quantised base (bitsandbytes Linear4bit) stores its weight packed, and an adapter
+        # trained on it (QLoRA) must load onto the full-precision base too
+        return [int(module.out_features), int(module.in_features)]
     weight = getattr(module, "weight", None)
     if weight is not None and hasattr(weight, "shape"):
         return list(weight.shape)

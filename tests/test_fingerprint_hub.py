@@ -112,6 +112,38 @@ def test_the_fingerprint_ignores_the_lightning_module_around_the_model(tmp_path:
     torch.testing.assert_close(model_output(bare, batch), model_output(module.model.eval(), batch))
 
 
+def test_target_shapes_are_logical_for_packed_quantised_weights() -> None:
+    from lightning_peft.fingerprint import target_shape
+
+    layer = nn.Linear(8, 6)
+    assert target_shape(layer) == [6, 8]
+    layer.weight = nn.Parameter(
+        torch.zeros(24, 1, dtype=torch.uint8), requires_grad=False
+    )  # packed 4-bit storage
+    assert target_shape(layer) == [6, 8]
+
+
+def test_a_qlora_adapter_loads_onto_the_full_precision_base(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from helpers import tiny_bert
+    from transformers import BertForSequenceClassification, BitsAndBytesConfig
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    quantised = BertForSequenceClassification.from_pretrained(
+        tmp_path / "base",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"]
+        ),
+        device_map="cpu",
+    )
+    assert quantised.bert.encoder.layer[0].attention.self.query.weight.shape != (32, 32)  # packed
+    saved(tmp_path / "adapter", LoRA(r=2, target_modules=["query"]), quantised)
+    full = load_adapter(
+        BertForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    )
+    assert type(full.bert.encoder.layer[0].attention.self.query).__name__ == "LoRALinear"
+
+
 # -- the Hub ------------------------------------------------------------------------------------------------
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
