@@ -296,16 +296,14 @@ def test_unsupported_peft_type_is_named_with_the_supported_ones(tmp_path: Path, 
 
 
 # -- the real MiniLM --------------------------------------------------------------------------------------
-MINILM_OURS = LoRA(
-    r=4,
-    alpha=8,
+#: the same options mean the same adapter to both libraries
+MINILM_OPTIONS: dict[str, Any] = dict(
     target_modules=["query", "value", "output.dense"],
     rank_pattern={"output.dense": 2},
     alpha_pattern={"value": 4.0},
     layers_to_transform=[0, 2, 5],
     use_rslora=True,
     lora_bias=True,
-    modules_to_save=["classifier"],
 )
 
 
@@ -319,15 +317,7 @@ def minilm_batch() -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_minilm_hf_peft_adapter_loads_with_hf_peft_outputs(tmp_path: Path, minilm: nn.Module) -> None:
-    config = lora_config(
-        target_modules=["query", "value", "output.dense"],
-        rank_pattern={"output.dense": 2},
-        alpha_pattern={"value": 4},
-        layers_to_transform=[0, 2, 5],
-        use_rslora=True,
-        lora_bias=True,
-        task_type="SEQ_CLS",
-    )
+    config = lora_config(task_type="SEQ_CLS", **MINILM_OPTIONS)
     theirs = peft.get_peft_model(copy.deepcopy(minilm), config)
     randomise(theirs)
     with torch.no_grad():
@@ -341,7 +331,7 @@ def test_minilm_hf_peft_adapter_loads_with_hf_peft_outputs(tmp_path: Path, minil
 @pytest.mark.slow
 def test_minilm_our_adapter_loads_in_hf_peft_with_our_outputs(tmp_path: Path, minilm: nn.Module) -> None:
     ours = copy.deepcopy(minilm)
-    apply_peft(ours, copy.deepcopy(MINILM_OURS))
+    apply_peft(ours, LoRA(r=4, alpha=8, modules_to_save=["classifier"], **copy.deepcopy(MINILM_OPTIONS)))
     randomise(ours)
     with torch.no_grad():
         expected = ours.eval()(**minilm_batch()).logits
