@@ -290,3 +290,33 @@ def test_ties_folder_combines_and_refuses_other_methods(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="combines LoRA and DoRA adapters only.*IA3"):
         combine_adapters(base, [tmp_path / "a", tmp_path / "ia3"], [1.0, 1.0], tmp_path / "bad")
     assert not any(type(m).__name__ == "LoRALinear" for m in base.modules())
+
+
+@pytest.mark.parametrize("how", ["cat", "svd"])
+def test_agrees_with_hf_peft_where_hf_peft_is_exact(tmp_path: Path, how: str) -> None:
+    """HF PEFT's "cat", and its "svd" at the full rank, are exact for plain LoRA (no rsLoRA, no lora_bias, no
+    DoRA: huggingface/peft#3761); there both must give the same model."""
+    peft = pytest.importorskip("peft")
+    trained(LoRA(r=2, alpha=4, target_modules=["query", "value"]), tmp_path / "a", 1)
+    trained(LoRA(r=3, alpha=3, target_modules=["query", "key"]), tmp_path / "b", 2)
+    theirs = peft.PeftModel.from_pretrained(
+        with_biases(TINY_MODELS["bert"])(), str(tmp_path / "a"), adapter_name="a"
+    )
+    theirs.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    options = {"svd_rank": 5} if how == "svd" else {}
+    theirs.add_weighted_adapter(["a", "b"], [0.6, -0.9], "ab", combination_type=how, **options)
+    theirs.set_adapter("ab")
+
+    combine_adapters(
+        with_biases(TINY_MODELS["bert"])(),
+        [tmp_path / "a", tmp_path / "b"],
+        [0.6, -0.9],
+        tmp_path / "ab",
+        how=how,
+        rank=5 if how == "svd" else None,
+    )
+    ours = load_adapter(with_biases(TINY_MODELS["bert"])(), tmp_path / "ab")
+    batch = tiny_batch("bert")
+    torch.testing.assert_close(
+        model_output(ours, batch), model_output(theirs.eval(), batch), atol=1e-5, rtol=0
+    )
