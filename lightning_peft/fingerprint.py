@@ -41,6 +41,13 @@ def _relative(name: str, prefix: str) -> str:
     return name[len(prefix) :] if prefix and name.startswith(prefix) else name
 
 
+def _clean(name: str) -> str:
+    """A module or parameter name without wrapper infixes (activation checkpointing, FSDP1, adapter layers)."""
+    from lightning_peft.model import state_dict_key
+
+    return state_dict_key(name + ".").replace(".base_layer.", ".")[:-1]
+
+
 def target_shape(module: nn.Module) -> list[int] | None:
     """Shape of the weight an adapter layer adapts (an already wrapped layer answers for its base)."""
     if isinstance(module, PEFTLayer):
@@ -60,15 +67,15 @@ def target_shape(module: nn.Module) -> list[int] | None:
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """The record of the base of ``model``, which has an adapter attached."""
-    from lightning_peft.model import peft_layers, state_dict_key, trainable_parameter_names
+    from lightning_peft.model import peft_layers, trainable_parameter_names
 
     root, prefix = _root(model)
     layers = list(peft_layers(model))
-    targets = {_relative(name, prefix): target_shape(layer) for name, layer in layers}
+    targets = {_relative(_clean(name), _clean(prefix)): target_shape(layer) for name, layer in layers}
     owned = {f"{name}.{local}" for name, layer in layers for local in layer.peft_parameter_names()}
     parameters = dict(model.named_parameters())
     tensors = {
-        _relative(state_dict_key(name), prefix).replace(".base_layer.", "."): list(parameters[name].shape)
+        _relative(_clean(name), _clean(prefix)): list(parameters[name].shape)
         for name in trainable_parameter_names(model)
         if name not in owned and name in parameters
     }
@@ -105,16 +112,14 @@ def base_differences(model: nn.Module, record: dict[str, Any]) -> list[str]:
     if record.get("architecture") != type(root).__name__:
         differences.append(f"architecture {record.get('architecture')} != {type(root).__name__}")
     # names inside the transformers model are relative to it; others (a LightningModule's own head) are not
-    modules = {**dict(model.named_modules()), **dict(root.named_modules())}
+    modules = {_clean(n): m for n, m in [*model.named_modules(), *root.named_modules()]}
     for name, shape in (record.get("targets") or {}).items():
         found = modules.get(name)
         if found is None:
             differences.append(f"target {name!r} does not exist")
         elif target_shape(found) != shape:
             differences.append(f"target {name!r} has shape {target_shape(found)}, not {shape}")
-    parameters = {
-        k.replace(".base_layer.", "."): v for k, v in [*model.named_parameters(), *root.named_parameters()]
-    }
+    parameters = {_clean(k): v for k, v in [*model.named_parameters(), *root.named_parameters()]}
     for name, shape in (record.get("tensors") or {}).items():
         found = parameters.get(name)
         if found is None:
