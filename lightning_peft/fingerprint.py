@@ -48,6 +48,15 @@ def _clean(name: str) -> str:
     return state_dict_key(name + ".").replace(".base_layer.", ".")[:-1]
 
 
+def architecture(module: nn.Module) -> str:
+    """The class name of ``module``, seen through FSDP2's dynamic ``FSDP<Class>`` subclass."""
+    name = type(module).__name__
+    for base in type(module).__mro__[1:]:
+        if name == "FSDP" + base.__name__:
+            return base.__name__
+    return name
+
+
 def target_shape(module: nn.Module) -> list[int] | None:
     """Shape of the weight an adapter layer adapts (an already wrapped layer answers for its base)."""
     if isinstance(module, PEFTLayer):
@@ -79,7 +88,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
         for name in trainable_parameter_names(model)
         if name not in owned and name in parameters
     }
-    return {"architecture": type(root).__name__, "targets": targets, "tensors": tensors}
+    return {"architecture": architecture(root), "targets": targets, "tensors": tensors}
 
 
 def fingerprint_record(model: nn.Module) -> dict[str, Any]:
@@ -109,8 +118,8 @@ def base_differences(model: nn.Module, record: dict[str, Any]) -> list[str]:
     """How ``model`` differs from the recorded base (empty when it matches)."""
     root, prefix = _root(model)
     differences = []
-    if record.get("architecture") != type(root).__name__:
-        differences.append(f"architecture {record.get('architecture')} != {type(root).__name__}")
+    if record.get("architecture") != architecture(root):
+        differences.append(f"architecture {record.get('architecture')} != {architecture(root)}")
     # names inside the transformers model are relative to it; others (a LightningModule's own head) are not
     modules = {_clean(n): m for n, m in [*model.named_modules(), *root.named_modules()]}
     for name, shape in (record.get("targets") or {}).items():

@@ -123,6 +123,15 @@ def test_target_shapes_are_logical_for_packed_quantised_weights() -> None:
     assert target_shape(layer) == [6, 8]
 
 
+def test_the_architecture_is_seen_through_fsdp2_s_subclass() -> None:
+    from lightning_peft.fingerprint import architecture
+
+    model = TINY_MODELS["bert"]()
+    # fully_shard() swaps the class for a dynamic FSDP<Class>(FSDPModule, Class) subclass
+    model.__class__ = type("FSDPBertForSequenceClassification", (nn.Module, type(model)), {})
+    assert architecture(model) == "BertForSequenceClassification"
+
+
 def test_a_qlora_adapter_loads_onto_the_full_precision_base(tmp_path: Path) -> None:
     pytest.importorskip("bitsandbytes")
     from helpers import tiny_bert
