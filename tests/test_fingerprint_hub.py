@@ -128,7 +128,8 @@ def test_the_architecture_is_seen_through_fsdp2_s_subclass() -> None:
 
     model = TINY_MODELS["bert"]()
     # fully_shard() swaps the class for a dynamic FSDP<Class>(FSDPModule, Class) subclass
-    model.__class__ = type("FSDPBertForSequenceClassification", (nn.Module, type(model)), {})
+    marker = type("FSDPModule", (), {})
+    model.__class__ = type("FSDPBertForSequenceClassification", (marker, type(model)), {})
     assert architecture(model) == "BertForSequenceClassification"
 
 
