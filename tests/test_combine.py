@@ -320,3 +320,26 @@ def test_agrees_with_hf_peft_where_hf_peft_is_exact(tmp_path: Path, how: str) ->
     torch.testing.assert_close(
         model_output(ours, batch), model_output(theirs.eval(), batch), atol=1e-5, rtol=0
     )
+
+
+def test_combines_an_hf_peft_adapter_with_ours(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["query"], use_rslora=True, task_type="SEQ_CLS"
+    )
+    theirs = peft.get_peft_model(with_biases(TINY_MODELS["bert"])(), config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in theirs.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=g))
+    theirs.save_pretrained(str(tmp_path / "hf"))
+    ours = trained(LoRA(r=3, target_modules=["value"], modules_to_save=["classifier"]), tmp_path / "ours", 1)
+    hf_as_ours = load_adapter(with_biases(TINY_MODELS["bert"])(), tmp_path / "hf")
+    base = with_biases(TINY_MODELS["bert"])()
+    base_state = {k: v.double() for k, v in base.state_dict().items()}
+    combine_adapters(base, [tmp_path / "hf", tmp_path / "ours"], [0.5, 0.5], tmp_path / "out")
+    got = merged_state(load_adapter(with_biases(TINY_MODELS["bert"])(), tmp_path / "out"))
+    for key, value in base_state.items():
+        want = value + sum(0.5 * (merged_state(m)[key] - value) for m in (hf_as_ours, ours))
+        torch.testing.assert_close(got[key], want, atol=1e-5, rtol=0, msg=key)
