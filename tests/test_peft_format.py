@@ -57,8 +57,28 @@ class Case:
     extra_positions: int = 0
 
     def base(self) -> nn.Module:
-        factory = TINY_MODELS[self.kind]
+        factory = MODELS[self.kind]
         return (with_biases(factory) if self.biased else factory)().eval()
+
+
+def tiny_roberta(seed: int = 0) -> nn.Module:
+    """Its classification head has Linear layers of its own: classifier.dense and classifier.out_proj."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    return RobertaForSequenceClassification(config).eval()
+
+
+MODELS = {**TINY_MODELS, "roberta": tiny_roberta}
 
 
 def lora_config(**kwargs: Any) -> Any:
@@ -111,6 +131,18 @@ CASES: dict[str, Case] = {
         lambda: lora_config(target_modules=["query"], bias="lora_only", task_type="SEQ_CLS"),
         biased=True,
     ),
+    "lora_roberta_head_not_targeted": Case(
+        "roberta",
+        lambda: LoRA(r=4, alpha=8, target_modules=["dense"], modules_to_save=["classifier"]),
+        lambda: lora_config(target_modules=["dense"], task_type="SEQ_CLS"),
+        biased=True,
+    ),
+    "ia3_roberta_head_not_targeted": Case(
+        "roberta",
+        lambda: IA3(target_modules=["dense"], feedforward_modules=[], modules_to_save=["classifier"]),
+        lambda: peft.IA3Config(target_modules=["dense"], feedforward_modules=[], task_type="SEQ_CLS"),
+        biased=True,
+    ),
     "dora": Case(
         "bert",
         lambda: DoRA(r=4, alpha=8, use_rslora=True, rank_pattern={"value": 2}),
@@ -160,7 +192,7 @@ CASES: dict[str, Case] = {
 
 
 def outputs(model: nn.Module, kind: str, drop: int = 0) -> torch.Tensor:
-    return model_output(model, tiny_batch(kind))[:, drop:]
+    return model_output(model, tiny_batch("bert" if kind == "roberta" else kind))[:, drop:]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -199,6 +231,13 @@ def test_patterns_give_per_layer_ranks_and_scalings() -> None:
     assert layer0.attention.self.value.r == 4 and layer0.attention.self.value.scaling == 3 / 4
     assert layer0.intermediate.dense.r == 6 and layer0.output.dense.r == 4
     assert model.bert.encoder.layer[1].attention.self.query.r == 4
+
+
+def test_no_adapter_layer_inside_modules_to_save() -> None:
+    model = tiny_roberta()
+    apply_peft(model, LoRA(target_modules=["dense"], modules_to_save=["classifier"]))
+    assert type(model.classifier.dense).__name__ == "Linear"  # trained in full instead
+    assert type(model.roberta.encoder.layer[0].output.dense).__name__ == "LoRALinear"
 
 
 def test_layers_to_transform_selects_blocks() -> None:

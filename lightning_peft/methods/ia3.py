@@ -25,6 +25,7 @@ from torch import nn
 
 from lightning_peft.methods.base import EXACT_UNMERGE_EPS, PEFTLayer, PEFTMethod, _as_str_list
 from lightning_peft.methods.lora import default_targets, is_lora_target, model_type_of
+from lightning_peft.methods.lora_patterns import inside_modules_to_save
 from lightning_peft.methods.peft_interop import (
     modules_to_save_from_peft,
     peft_common_config,
@@ -192,6 +193,7 @@ class IA3(PEFTMethod):
             self.exclude_modules,
             supported=is_lora_target,
             method=type(self).__name__,
+            skip=lambda name, _module: inside_modules_to_save(name, self.modules_to_save),
         )
         self.feedforward_targets(model, targets)
         return targets

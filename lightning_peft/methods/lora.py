@@ -34,6 +34,7 @@ from lightning_peft.methods.lora_patterns import (
     check_layers_to_transform,
     check_pattern_dict,
     in_layers,
+    inside_modules_to_save,
     pattern_key,
     pattern_value,
     relative_name,
@@ -255,9 +256,10 @@ class LoRA(PEFTMethod):
     def plan(self, model: nn.Module) -> ModuleTargets:
         prefix = transformers_prefix(model)
 
-        def outside_layers(name: str, _module: nn.Module) -> bool:
+        def skip(name: str, _module: nn.Module) -> bool:
             rel = relative_name(name, prefix)
-            return not in_layers(rel, self.layers_to_transform, self.layers_pattern)
+            outside = not in_layers(rel, self.layers_to_transform, self.layers_pattern)
+            return outside or inside_modules_to_save(name, self.modules_to_save)
 
         targets = find_targets(
             model,
@@ -265,7 +267,7 @@ class LoRA(PEFTMethod):
             self.exclude_modules,
             supported=is_lora_target,
             method=type(self).__name__,
-            skip=outside_layers if self.layers_to_transform is not None else None,
+            skip=skip,
         )
         for argument, patterns in (
             ("rank_pattern", self.rank_pattern),

@@ -66,6 +66,18 @@ def in_layers(
     return layer_index(name, layers_pattern) in set(layers_to_transform)
 
 
+def inside_modules_to_save(name: str, modules_to_save: Sequence[str]) -> bool:
+    """Whether ``name`` is one of ``modules_to_save`` or lies inside one. Such a module trains in full, so (as in
+    HF PEFT) no adapter layer goes there: RoBERTa's ``classifier.dense`` is no target of ``["dense"]`` when the
+    head is in ``modules_to_save``."""
+    from lightning_peft.targeting import matches_any
+
+    parts = name.split(".")
+    return bool(modules_to_save) and any(
+        matches_any(".".join(parts[:i]), list(modules_to_save)) for i in range(1, len(parts) + 1)
+    )
+
+
 # -- validation (called from LoRA.__post_init__) ------------------------------------------------------------
 def check_pattern_dict(value: Any, argument: str, integer: bool) -> dict[str, Any]:
     """``rank_pattern``/``alpha_pattern``: regex keys (checked to compile), positive values."""
