@@ -312,6 +312,24 @@ def test_init_only_lora_options_never_block_a_load(tmp_path: Path, init: Any) ->
     torch.testing.assert_close(outputs(ours, "bert"), expected, atol=ATOL, rtol=0)
 
 
+def test_init_only_prompt_options_never_block_a_load(tmp_path: Path) -> None:
+    theirs = peft.get_peft_model(
+        TINY_MODELS["gpt2"](), peft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
+    )
+    randomise(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    # how the prompt started: from a text, split by a tokenizer that is not even available here
+    config.update(
+        prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="great movie",
+        tokenizer_name_or_path="no/such-tokenizer",
+    )
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    ours = load_adapter(TINY_MODELS["gpt2"](), tmp_path)
+    torch.testing.assert_close(outputs(ours, "gpt2"), outputs(theirs.eval(), "gpt2", 3), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
 def test_base_rewriting_lora_inits_are_refused(tmp_path: Path, init: str) -> None:
     folder = write_config(
