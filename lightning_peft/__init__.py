@@ -3,6 +3,7 @@
 from lightning_peft.callback import PEFTCallback
 from lightning_peft.combine_folders import combine_adapters
 from lightning_peft.io import load_adapter, load_peft_checkpoint, save_adapter
+from lightning_peft.lifecycle import PEFTLifecycle
 from lightning_peft.methods import (
     IA3,
     Adapter,
@@ -27,8 +28,7 @@ from lightning_peft.model import (
     trainable_parameter_names,
     unmerge_adapter,
 )
-
-__version__ = "0.1.0"
+from lightning_peft.version import __version__ as __version__
 
 __all__ = [
     "IA3",
@@ -38,6 +38,7 @@ __all__ = [
     "LoRA",
     "PEFTCallback",
     "PEFTLayer",
+    "PEFTLifecycle",
     "PEFTMethod",
     "PEFTMixin",
     "PrefixTuning",

@@ -20,17 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lightning_peft.combine import LoRAFactors, check_combination, combine_deltas, combine_layer
 from lightning_peft.fingerprint import check_base
 from lightning_peft.hub import resolve_adapter_path
-from lightning_peft.io import ADAPTER_WEIGHTS, PathLike, file_state, read_adapter_config, save_adapter
+from lightning_peft.io import _model_state, save_adapter
 from lightning_peft.methods.dora import DoRA, DoRALinear
 from lightning_peft.methods.lora import LoRA, LoRALinear, weight_as_out_in
 from lightning_peft.methods.lora_patterns import relative_name, transformers_prefix
 from lightning_peft.model import apply_peft, is_attached, load_adapter_state, peft_layers, remove_peft
+from lightning_peft.reader import PathLike, read_adapter
 
 BIAS_ORDER = ("none", "lora_only", "all")
 
@@ -48,16 +48,16 @@ def read_lora_folder(model: nn.Module, folder: PathLike) -> ReadAdapter:
     """Attach the folder's adapter to ``model``, read its tensors (without loading them) and take it out."""
     folder = resolve_adapter_path(folder)
     check_base(model, folder, allow_base_mismatch=False)
-    methods = read_adapter_config(folder)
+    adapter = read_adapter(folder)
+    methods = adapter.methods
     if len(methods) != 1 or not isinstance(methods[0], LoRA):
         names = [type(m).__name__ for m in methods]
         raise ValueError(
             f"combine_adapters combines LoRA and DoRA adapters only; {str(folder)!r} holds {names}"
         )
-    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     apply_peft(model, methods)
     try:
-        state = file_state(model, tensors, str(folder))
+        state = _model_state(model, adapter)
         read = ReadAdapter(methods[0])
         owned: set[str] = set()
         for name, layer in peft_layers(model):

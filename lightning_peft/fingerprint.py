@@ -17,22 +17,19 @@ record (written by HF PEFT, or by older versions) load unchecked.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
 from torch import nn
 
+from lightning_peft.hf import base_prefix
 from lightning_peft.methods.base import PEFTLayer
 
-RECORD_KEY = "base"
+RECORD_KEY = "base_fingerprint"
 VERSION_KEY = "library_version"
 
 
 def _root(model: nn.Module) -> tuple[nn.Module, str]:
-    from lightning_peft.io import base_prefix
-
     prefix = base_prefix(model)
     return (model.get_submodule(prefix[:-1]) if prefix else model), prefix
 
@@ -93,24 +90,16 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
 
 def fingerprint_record(model: nn.Module) -> dict[str, Any]:
     """What ``save_adapter`` adds to its metadata."""
-    from lightning_peft import __version__
+    from lightning_peft.version import __version__
 
     return {VERSION_KEY: __version__, RECORD_KEY: base_fingerprint(model)}
 
 
-def recorded_fingerprint(folder: Path) -> dict[str, Any] | None:
-    """The record in an adapter folder, or ``None`` when it has none."""
-    from lightning_peft.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_KEY
+def recorded_fingerprint(path: Path) -> dict[str, Any] | None:
+    """The record of an adapter folder (or of its ``.safetensors`` file), or ``None`` when it has none."""
+    from lightning_peft.reader import read_meta
 
-    meta: dict[str, Any] | None = None
-    config_file = folder / ADAPTER_CONFIG
-    if config_file.is_file():
-        meta = json.loads(config_file.read_text()).get(CHECKPOINT_KEY)
-    weights_file = folder / ADAPTER_WEIGHTS
-    if meta is None and weights_file.is_file():
-        with safe_open(str(weights_file), "pt") as f:
-            text = (f.metadata() or {}).get(CHECKPOINT_KEY)
-        meta = json.loads(text) if text else None
+    meta = read_meta(path)
     return None if meta is None else meta.get(RECORD_KEY)
 
 
@@ -139,8 +128,8 @@ def base_differences(model: nn.Module, record: dict[str, Any]) -> list[str]:
 
 
 def check_base(model: nn.Module, folder: Path, allow_base_mismatch: bool) -> None:
-    """Refuse to load the adapter in ``folder`` onto a base that differs from the one it was saved on."""
-    record = recorded_fingerprint(folder)
+    """Refuse to load the adapter at ``folder`` onto a base that differs from the one it was saved on."""
+    record = recorded_fingerprint(Path(folder))
     if record is None or allow_base_mismatch:
         return
     differences = base_differences(model, record)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: file names that are never Hub repository ids
+LOCAL_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".json")
 
 
 def _offline() -> bool:
@@ -32,15 +34,11 @@ def hub_repo(text: str) -> tuple[str, str | None] | None:
 
 
 def resolve_adapter_path(path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder as it is; a Hub repository id as the folder of its (downloaded or cached) snapshot."""
+    """A local path as it is; a Hub repository id as the folder of its (downloaded or cached) snapshot."""
     local = Path(path)
-    if local.exists():
-        return local
-    repo = hub_repo(str(path))
+    repo = None if local.exists() or local.suffix in LOCAL_SUFFIXES else hub_repo(str(path))
     if repo is None:
-        raise FileNotFoundError(
-            f"path={str(path)!r} is not a folder (nor a Hub repository id like 'org/name')"
-        )
+        return local  # a local path (the reader says what is wrong with it, if anything)
     repo_id, subfolder = repo
     try:
         from huggingface_hub import snapshot_download

@@ -56,17 +56,17 @@ def test_every_saved_adapter_records_version_and_base(tmp_path: Path) -> None:
     meta = header_meta(tmp_path / "lora")  # the JSON is HF PEFT's own, so the record is in the header
     assert "lightning_peft" not in json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert meta["library_version"] == lightning_peft.__version__
-    assert meta["base"] == {
+    assert meta["base_fingerprint"] == {
         "architecture": "BertForSequenceClassification",
         "targets": {f"bert.encoder.layer.{i}.attention.self.query": [32, 32] for i in range(2)},
         "tensors": {"classifier.weight": [2, 32], "classifier.bias": [2]},
     }
     saved(tmp_path / "bitfit", BitFit(biases="attention"))  # no HF PEFT equivalent: the record is in our JSON
     record = json.loads((tmp_path / "bitfit" / "adapter_config.json").read_text())["lightning_peft"]
-    assert record["base"]["architecture"] == "BertForSequenceClassification"
+    assert record["base_fingerprint"]["architecture"] == "BertForSequenceClassification"
     assert (
-        record["base"]["targets"] == {}
-        and "bert.encoder.layer.0.attention.self.query.bias" in record["base"]["tensors"]
+        record["base_fingerprint"]["targets"] == {}
+        and "bert.encoder.layer.0.attention.self.query.bias" in record["base_fingerprint"]["tensors"]
     )
 
 
@@ -199,6 +199,6 @@ def test_a_missing_hub_adapter_is_a_clear_error(offline_cache: Path) -> None:
     model = TINY_MODELS["bert"]()
     with pytest.raises(FileNotFoundError, match="'some-org/absent' was not found in the local Hub cache"):
         load_adapter(model, "some-org/absent")
-    with pytest.raises(FileNotFoundError, match=r"is not a folder \(nor a Hub repository id"):
+    with pytest.raises(FileNotFoundError, match="is neither an adapter folder nor a .ckpt file"):
         load_adapter(model, "no-such-folder")
     assert not is_attached(model)

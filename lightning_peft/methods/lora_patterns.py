@@ -25,10 +25,14 @@ _FIRST_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 
 def transformers_prefix(model: nn.Module) -> str:
-    """``"model."`` when ``model`` holds the transformers model as ``model.model``; ``""`` otherwise."""
-    from lightning_peft.io import base_prefix
+    """``"model."`` when ``model`` holds the transformers model as ``model.model``; ``""`` otherwise (also when
+    it holds several and has not said which is the base: names are then matched in full)."""
+    from lightning_peft.hf import AmbiguousBaseModelError, base_prefix
 
-    return base_prefix(model)
+    try:
+        return base_prefix(model)
+    except AmbiguousBaseModelError:
+        return ""
 
 
 def relative_name(name: str, prefix: str) -> str:
