@@ -1,5 +1,13 @@
 """lightning-peft: parameter-efficient fine-tuning for PyTorch Lightning."""
 
+from lightning_peft.adapters import (
+    active_adapters,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    set_adapter,
+)
 from lightning_peft.callback import PEFTCallback
 from lightning_peft.combine_folders import combine_adapters
 from lightning_peft.io import load_adapter, load_peft_checkpoint, save_adapter
@@ -43,11 +51,16 @@ __all__ = [
     "PEFTMixin",
     "PrefixTuning",
     "PromptTuning",
+    "active_adapters",
+    "add_adapter",
     "adapter_state_dict",
     "apply_peft",
     "available_methods",
     "combine_adapters",
     "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
+    "list_adapters",
     "load_adapter",
     "load_peft_checkpoint",
     "merge_adapter",
@@ -55,6 +68,7 @@ __all__ = [
     "register_method",
     "remove_peft",
     "save_adapter",
+    "set_adapter",
     "trainable_parameter_names",
     "unmerge_adapter",
 ]

@@ -49,14 +49,17 @@ from lightning_peft.targeting import (
     ModuleTargets,
     conv1d_type,
     find_targets,
+    innermost,
     linear_dims,
-    replace_module,
+    wrap_target,
 )
 
 
 def weight_as_out_in(layer: nn.Module) -> torch.Tensor:
-    """The base weight as (out, in), whether it is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (stored (in, out))."""
-    return layer.weight if isinstance(layer, nn.Linear) else layer.weight.T
+    """The base weight as (out, in), whether it is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (stored (in, out)), also
+    through the adapter layers of other named adapters that wrap it."""
+    inner = innermost(layer)
+    return inner.weight if isinstance(inner, nn.Linear) else inner.weight.T
 
 
 class LoRALinear(PEFTLayer):
@@ -129,7 +132,7 @@ class LoRALinear(PEFTLayer):
         delta = delta.T if self.fan_in_fan_out else delta
         weight.data.add_(delta.to(weight.dtype), alpha=sign)
         if self.lora_B_bias is not None:
-            bias = self.base_layer.bias
+            bias = innermost(self.base_layer).bias
             bias.data.add_((self.scaling * self.lora_B_bias.detach()).to(bias.dtype), alpha=sign)
 
     def merge(self) -> None:
@@ -276,13 +279,15 @@ class LoRA(PEFTMethod):
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
         prefix = transformers_prefix(model)
         for name in targets:
-            base = model.get_submodule(name)
-            layer = self.make_layer(base, *self.layer_options(name, prefix))
+            base = innermost(model.get_submodule(name))
+            r, alpha = self.layer_options(name, prefix)
+            layer = wrap_target(
+                model, name, lambda module, r=r, alpha=alpha: self.make_layer(module, r, alpha)
+            )
             if not layer.mergeable:
                 rank_zero_warn(
                     f"lora_bias=True on {name!r}, which has no bias: this adapter cannot be merged"
                 )
-            replace_module(model, name, layer)
             if self.bias == "lora_only" and getattr(base, "bias", None) is not None:
                 mark_trainable(model, base, "bias")
         if self.bias == "all":
