@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from lightning_peft.hf import base_prefix
-from lightning_peft.methods.base import PEFTLayer
+from lightning_peft.targeting import innermost
 
 RECORD_KEY = "base_fingerprint"
 VERSION_KEY = "library_version"
@@ -56,8 +56,7 @@ def architecture(module: nn.Module) -> str:
 
 def target_shape(module: nn.Module) -> list[int] | None:
     """Shape of the weight an adapter layer adapts (an already wrapped layer answers for its base)."""
-    if isinstance(module, PEFTLayer):
-        module = module.base_layer
+    module = innermost(module)  # below one adapter layer, or a stack of them (one per named adapter)
     if isinstance(module, nn.Linear):
         # the logical shape: a quantised base (bitsandbytes Linear4bit) stores its weight packed, and an adapter
         # trained on it (QLoRA) must load onto the full-precision base too

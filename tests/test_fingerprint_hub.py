@@ -104,6 +104,20 @@ def test_a_different_head_size_is_a_difference(tmp_path: Path) -> None:
         load_adapter(tiny_bert_variant(labels=3), tmp_path)
 
 
+def test_one_of_several_named_adapters_records_the_bare_base(tmp_path: Path) -> None:
+    from lightning_peft import add_adapter
+
+    model = TINY_MODELS["bert"]()
+    apply_peft(model, LoRA(r=2, target_modules=["query"]))
+    add_adapter(
+        model, LoRA(r=3, target_modules=["query", "value"]), "other"
+    )  # stacked on the same query layers
+    save_adapter(model, tmp_path, adapter_name="other")
+    targets = header_meta(tmp_path)["base_fingerprint"]["targets"]
+    assert targets and all(shape == [32, 32] for shape in targets.values())
+    load_adapter(TINY_MODELS["bert"](), tmp_path)  # the same base: no mismatch
+
+
 def test_the_fingerprint_ignores_the_lightning_module_around_the_model(tmp_path: Path) -> None:
     module = HFModule("bert")
     saved(tmp_path, LoRA(r=2, target_modules=["query"], modules_to_save=["classifier"]), module)
