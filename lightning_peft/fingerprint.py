@@ -104,25 +104,24 @@ def recorded_fingerprint(path: Path) -> dict[str, Any] | None:
 
 def base_differences(model: nn.Module, record: dict[str, Any]) -> list[str]:
     """How ``model`` differs from the recorded base (empty when it matches)."""
-    root, prefix = _root(model)
+    root, _ = _root(model)
     differences = []
     if record.get("architecture") != architecture(root):
         differences.append(f"architecture {record.get('architecture')} != {architecture(root)}")
     # names inside the transformers model are relative to it; others (a LightningModule's own head) are not
     modules = {_clean(n): m for n, m in [*model.named_modules(), *root.named_modules()]}
-    for name, shape in (record.get("targets") or {}).items():
-        found = modules.get(name)
-        if found is None:
-            differences.append(f"target {name!r} does not exist")
-        elif target_shape(found) != shape:
-            differences.append(f"target {name!r} has shape {target_shape(found)}, not {shape}")
     parameters = {_clean(k): v for k, v in [*model.named_parameters(), *root.named_parameters()]}
-    for name, shape in (record.get("tensors") or {}).items():
-        found = parameters.get(name)
-        if found is None:
-            differences.append(f"tensor {name!r} does not exist")
-        elif list(found.shape) != shape:
-            differences.append(f"tensor {name!r} has shape {list(found.shape)}, not {shape}")
+    shapes = {
+        "target": {n: target_shape(m) for n, m in modules.items()},
+        "tensor": {n: list(p.shape) for n, p in parameters.items()},
+    }
+    for kind, key in (("target", "targets"), ("tensor", "tensors")):
+        for name, shape in (record.get(key) or {}).items():
+            found = shapes[kind].get(name, "missing")
+            if found == "missing":
+                differences.append(f"{kind} {name!r} does not exist")
+            elif found != shape:
+                differences.append(f"{kind} {name!r} has shape {found}, not {shape}")
     return differences
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODELS, HFModule, model_output, tiny_batch
+from helpers import TINY_MODELS, HFModule, model_output, tiny_batch, tiny_encoder
 from safetensors import safe_open
 from torch import nn
 
@@ -20,19 +20,7 @@ from lightning_peft.model import is_attached
 def tiny_bert_variant(
     cls_name: str = "BertForSequenceClassification", hidden: int = 32, labels: int = 2
 ) -> nn.Module:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=labels,
-    )
-    return getattr(transformers, cls_name)(config).eval()
+    return tiny_encoder(cls_name, hidden_size=hidden, num_labels=labels)
 
 
 def saved(folder: Path, method: object, model: nn.Module | None = None) -> nn.Module:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import TINY_MODELS, model_output, tiny_batch, with_biases
+from helpers import TINY_MODELS, model_output, tiny_batch, tiny_encoder, with_biases
 from torch import nn
 
 from lightning_peft import (
@@ -63,19 +63,7 @@ class Case:
 
 def tiny_roberta(seed: int = 0) -> nn.Module:
     """Its classification head has Linear layers of its own: classifier.dense and classifier.out_proj."""
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = RobertaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    return RobertaForSequenceClassification(config).eval()
+    return tiny_encoder("RobertaForSequenceClassification", seed, num_labels=2)
 
 
 MODELS = {**TINY_MODELS, "roberta": tiny_roberta}
