@@ -47,6 +47,7 @@ from lightning_peft.methods._virtual_tokens import (
     task_type_of,
 )
 from lightning_peft.methods.base import AdapterLinear, PEFTMethod, check_positive_int
+from lightning_peft.methods.peft_interop import modules_to_save_from_peft
 from lightning_peft.methods.registry import register_method
 from lightning_peft.targeting import ModuleTargets, replace_module
 
@@ -357,5 +358,5 @@ class PrefixTuning(PEFTMethod):
         return cls(
             num_virtual_tokens=int(config["num_virtual_tokens"]),
             encoder_hidden_size=int(config.get("encoder_hidden_size") or 512),
-            modules_to_save=list(dict.fromkeys(config.get("modules_to_save") or [])),
+            modules_to_save=modules_to_save_from_peft(config.get("modules_to_save")),
         )

@@ -39,6 +39,7 @@ from lightning_peft.methods._virtual_tokens import (
     task_type_of,
 )
 from lightning_peft.methods.base import PEFTMethod, check_choice, check_positive_int
+from lightning_peft.methods.peft_interop import modules_to_save_from_peft
 from lightning_peft.methods.registry import register_method
 from lightning_peft.targeting import ModuleTargets, replace_module
 
@@ -270,7 +271,7 @@ class PromptTuning(PEFTMethod):
             return None
         return cls(
             num_virtual_tokens=int(config["num_virtual_tokens"]),
-            modules_to_save=list(dict.fromkeys(config.get("modules_to_save") or [])),
+            modules_to_save=modules_to_save_from_peft(config.get("modules_to_save")),
         )
 
 
