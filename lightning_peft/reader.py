@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from lightning_peft.atomic import recover
 from lightning_peft.consistency import methods_from, read_json, reconcile
 from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.peft_interop import unsupported_peft_type
 from lightning_peft.methods.registry import _REGISTRY
 from lightning_peft.safe_load import refusing_pickles
 from lightning_peft.validation import check_tensor_file, read_header
@@ -79,6 +80,24 @@ def read_methods(path: PathLike) -> list[PEFTMethod]:
     return read_adapter(location).methods
 
 
+def read_meta(path: PathLike) -> dict[str, Any] | None:
+    """lightning-peft's own metadata of an adapter folder (or of its ``.safetensors`` file): the JSON's
+    ``"lightning_peft"`` entry, else the safetensors header's; ``None`` for other files and HF PEFT folders."""
+    location = Path(path)
+    if location.is_file() and location.suffix == ".safetensors":
+        folder, weights_file = location.parent, location
+    elif location.is_dir():
+        folder, weights_file = location, location / ADAPTER_WEIGHTS
+    else:
+        return None
+    config_file = folder / ADAPTER_CONFIG
+    meta = read_json(config_file).get(CHECKPOINT_KEY) if config_file.is_file() else None
+    if meta is not None:
+        return meta
+    header = _header_meta(weights_file)
+    return _loads(header, weights_file) if header else None
+
+
 def _read_folder(folder: Path) -> AdapterFile:
     weights_file = folder / ADAPTER_WEIGHTS
     methods = _folder_methods(folder)  # an unknown method fails before the weights are read
@@ -130,10 +149,7 @@ def _folder_methods(folder: Path) -> list[PEFTMethod]:
         return reconcile(config, methods, meta, config_file, ours=True)
     described = next((m for cls in _REGISTRY.values() if (m := cls.from_peft_config(config))), None)
     if described is None and meta is None:
-        raise ValueError(
-            f"{config_file}: peft_type={config.get('peft_type')!r} is not one lightning-peft can load; "
-            f"known methods: {sorted(_REGISTRY)}"
-        )
+        raise unsupported_peft_type(config, str(config_file))
     return reconcile(config, None if described is None else [described], meta, config_file)
 
 
