@@ -123,6 +123,16 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "init_text": st.none()
     | st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=20),
     "tokenizer_name_or_path": st.none() | st.just("minilm"),
+    "rank_pattern": st.dictionaries(
+        st.sampled_from(["query", "value", "dense"]), st.integers(1, 64), max_size=2
+    ),
+    "alpha_pattern": st.dictionaries(st.sampled_from(["query", "value"]), st.floats(1e-3, 1e3), max_size=2),
+    "layers_to_transform": st.none()
+    | st.integers(0, 11)
+    | st.lists(st.integers(0, 11), min_size=1, max_size=3, unique=True),
+    "layers_pattern": st.none() | st.sampled_from(["layer", "h", "layers"]),
+    "lora_bias": st.booleans(),
+    "cross_attention_prefix": st.booleans(),
 }
 
 
