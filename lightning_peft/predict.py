@@ -121,18 +121,11 @@ def load_classifier(
     if labels and (num_labels is None or len(labels) == num_labels):
         kwargs["id2label"] = dict(enumerate(labels))
         kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
-    from transformers.utils import logging as hf_logging
+    from lightning_peft.quiet import quiet_model_loading
 
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     # the head is reported "newly initialised" (the adapter brings it): not worth a warning here
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_model_loading():
         model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(base), **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
     if path.is_dir():
         load_adapter(model, path)
