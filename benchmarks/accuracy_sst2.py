@@ -36,6 +36,7 @@ from text_classification import TextClassificationDataModule, resolve_model_path
 import lightning_peft as lp  # noqa: E402
 
 TARGETS = ["query", "value"]
+METHOD_ARGS: dict[str, Any] = {}
 OURS = {
     "lora": lambda: lp.LoRA(r=8, alpha=16, dropout=0.1, target_modules=list(TARGETS)),
     "dora": lambda: lp.DoRA(r=8, alpha=16, dropout=0.1, target_modules=list(TARGETS)),
@@ -61,6 +62,9 @@ def build(variant: str, seed: int, reference: dict[str, dict[str, torch.Tensor]]
     if variant in OURS:
         method = OURS[variant]()
         method.modules_to_save = ["classifier"]
+        for key, value in METHOD_ARGS.items():  # --method-args
+            setattr(method, key, resolve_model_path(value) if key == "tokenizer_name_or_path" else value)
+        method.__post_init__()  # validate the overridden fields
         torch.manual_seed(seed + 1)
         lp.apply_peft(model, method)
         # the initial adapter (cloned: this model trains before the HF PEFT variant is built)
@@ -124,12 +128,20 @@ def run(variant: str, args: argparse.Namespace, data: TextClassificationDataModu
     start = time.perf_counter()
     val_accuracy: list[float] = []
     step = 0
+    stopped = False
     for _ in range(args.epochs):
         model.train()
         loader = torch.utils.data.DataLoader(
             data.splits["train"], batch_size=16, shuffle=True, generator=generator, collate_fn=data.collate
         )
         for batch in loader:
+            if args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes:
+                print(
+                    f"  {variant}: stopped at step {step}: --max-minutes {args.max_minutes} reached",
+                    flush=True,
+                )
+                stopped = True
+                break
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()
@@ -143,12 +155,17 @@ def run(variant: str, args: argparse.Namespace, data: TextClassificationDataModu
                     flush=True,
                 )
         val_accuracy.append(evaluate(model, data.val_dataloader()))
+        if stopped:
+            break
     seconds = time.perf_counter() - start
     accuracy = evaluate(model, data.test_dataloader())
     trainable = sum(p.numel() for p in params)
     return {
         "variant": variant,
         "lr": args.lr,
+        "method_args": METHOD_ARGS,
+        "warmup_ratio": args.warmup_ratio,
+        "epochs": args.epochs,
         "val_accuracy": val_accuracy,
         "accuracy": accuracy,
         "train_seconds": seconds,
@@ -169,12 +186,20 @@ def main() -> None:
     parser.add_argument("--warmup-ratio", type=float, default=0.0)
     parser.add_argument("--targets", nargs="+", default=TARGETS, help="LoRA/DoRA target modules")
     parser.add_argument("--log-every", type=int, default=0, help="print the loss every N steps")
+    parser.add_argument(
+        "--method-args",
+        type=json.loads,
+        default={},
+        help="JSON fields set on the lightning-peft method, e.g. '{\"num_virtual_tokens\": 10}'",
+    )
+    parser.add_argument("--max-minutes", type=float, default=0, help="stop training after this long")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     TARGETS[:] = args.targets
+    METHOD_ARGS.update(args.method_args)
     transformers.logging.set_verbosity_error()
     data = TextClassificationDataModule(
         train_size=args.train_size or None, batch_size=16, max_length=args.max_length
