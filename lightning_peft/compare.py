@@ -48,7 +48,7 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any], float]] = {
     "adapter": ("lightning_peft.Adapter", {"placement": "pfeiffer", "reduction_factor": 16}, 1e-3),
     "houlsby": ("lightning_peft.Adapter", {"placement": "houlsby", "reduction_factor": 16}, 1e-3),
     "prefix": ("lightning_peft.PrefixTuning", {"num_virtual_tokens": 20}, 1e-2),
-    "prompt": ("lightning_peft.PromptTuning", {"num_virtual_tokens": 20, "init": "vocab"}, 3e-3),
+    "prompt": ("lightning_peft.PromptTuning", {"num_virtual_tokens": 20, "init": "vocab"}, 3e-2),
     "bitfit": ("lightning_peft.BitFit", {}, 1e-3),
 }
 #: init_args copied from the YAML's own method into every preset that accepts them

@@ -116,6 +116,7 @@ def run_worker(spec_file: Path) -> int:
     silence_known_noise()
     if os.getcwd() not in sys.path:  # class_paths of the user's modules resolve from the working directory
         sys.path.insert(0, os.getcwd())
+    sys.argv = sys.argv[:1]  # the config comes as a dict; LightningCLI warns when argv holds more
     cli = PEFTLightningCLI(args=spec["config"], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
