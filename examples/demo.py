@@ -73,7 +73,9 @@ def main() -> None:
         f"SST-2 test.tsv (872 sentences, read once at the end): accuracy {100 * metrics['test_acc']:.1f}%, "
         f"F1 {metrics['test_f1']:.3f}"
     )
-    print(f"training time: {train_seconds:.0f} s on {torch.get_num_threads()} CPU threads")
+    print(
+        f"training time (validation included): {train_seconds:.0f} s on {torch.get_num_threads()} CPU threads"
+    )
 
     output = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="lightning-peft-demo-"))
     save_adapter(model, output)
