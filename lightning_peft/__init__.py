@@ -2,6 +2,7 @@
 
 from lightning_peft.callback import PEFTCallback
 from lightning_peft.io import load_adapter, load_peft_checkpoint, save_adapter
+from lightning_peft.lifecycle import PEFTLifecycle
 from lightning_peft.methods import (
     IA3,
     Adapter,
@@ -37,6 +38,7 @@ __all__ = [
     "LoRA",
     "PEFTCallback",
     "PEFTLayer",
+    "PEFTLifecycle",
     "PEFTMethod",
     "PEFTMixin",
     "PrefixTuning",

@@ -68,7 +68,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help=f"presets ({', '.join(PRESETS)}) or YAML files whose PEFTCallback method and model lr are used",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per method and seed")
-    parser.add_argument("--output", default="compare", help="folder for runs/, results.md, results.csv, *.png")
+    parser.add_argument(
+        "--output", default="compare", help="folder for runs/, results.md, results.csv, *.png"
+    )
     parser.add_argument(
         "--lr", nargs="*", default=[], metavar="METHOD=LR", help="learning-rate overrides, e.g. lora=5e-4"
     )
@@ -99,7 +101,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             parser.error(str(error))
         for method in args.methods:
             if method not in PRESETS and not Path(method).is_file():
-                parser.error(f"--methods: {method!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+                parser.error(
+                    f"--methods: {method!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file"
+                )
     return args
 
 

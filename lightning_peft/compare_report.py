@@ -135,4 +135,8 @@ def write_reports(results: Sequence[dict[str, Any]], output: Path) -> dict[str, 
     rows = aggregate(results)
     (output / "results.md").write_text(markdown(rows))
     write_csv(rows, output / "results.csv")
-    return {"results.md": output / "results.md", "results.csv": output / "results.csv", **write_plots(rows, output)}
+    return {
+        "results.md": output / "results.md",
+        "results.csv": output / "results.csv",
+        **write_plots(rows, output),
+    }

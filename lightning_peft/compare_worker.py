@@ -22,8 +22,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_peft.io import save_adapter
-from lightning_peft.model import count_parameters, is_attached, merge_adapter, unmerge_adapter
+from lightning_peft.model import count_parameters, merge_adapter, unmerge_adapter
 from lightning_peft.quiet import silence_known_noise
+from lightning_peft.record import is_attached
 
 MiB = 2**20
 

@@ -11,16 +11,22 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_peft.methods.base import PEFTLayer, PEFTMethod
+from lightning_peft.methods.registry import available_methods
+from lightning_peft.record import (
+    DEFAULT_ADAPTER,
+    AdapterEntry,
+    attached_methods,
+    drop_record,
+    ensure_record,
+    get_record,
+    is_attached,
+    mark_saved,
+    marked_parameter_names,
+)
 from lightning_peft.targeting import ModuleTargets, replace_module, resolve_modules
 
-#: attribute on the root module holding the attached method configurations
-METHODS_ATTR = "_lightning_peft_methods"
-#: attribute on any module: set of local parameter names that the adapter trains (e.g. BitFit biases)
-TRAIN_ATTR = "_lightning_peft_train"
-#: attribute on a module listed in ``modules_to_save``: train and save all of its parameters
-SAVE_ATTR = "_lightning_peft_save"
-#: attribute on the root module: requires_grad of every parameter before attaching, for remove_peft
-FLAGS_ATTR = "_lightning_peft_flags"
+__all__ = ["attached_methods", "is_attached"]  # re-exported: the record's view of a model
+
 #: infixes that wrappers (FSDP1, activation checkpointing) add to ``named_parameters()`` names but that
 #: ``state_dict()`` keys do not have
 WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -52,22 +58,11 @@ def as_method_list(methods: PEFTMethod | Sequence[PEFTMethod]) -> list[PEFTMetho
         raise ValueError("method must be a PEFT method configuration or a non-empty list of them, got []")
     for item in items:
         if not isinstance(item, PEFTMethod):
-            from lightning_peft.methods import available_methods
-
             raise TypeError(
                 f"method must be a PEFT method configuration ({', '.join(available_methods())}), "
                 f"got {type(item).__name__}: {item!r}"
             )
     return items
-
-
-def attached_methods(model: nn.Module) -> list[PEFTMethod] | None:
-    """The methods attached to ``model`` (or ``None``)."""
-    return model.__dict__.get(METHODS_ATTR)
-
-
-def is_attached(model: nn.Module) -> bool:
-    return attached_methods(model) is not None
 
 
 def peft_layers(model: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:
@@ -76,23 +71,12 @@ def peft_layers(model: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:
             yield name, module
 
 
-def mark_trainable(module: nn.Module, *local_names: str) -> None:
-    """Declare existing parameters of ``module`` (e.g. ``"bias"``) as trained and saved by the adapter."""
-    current = set(module.__dict__.get(TRAIN_ATTR, ()))
-    module.__dict__[TRAIN_ATTR] = current | set(local_names)
-
-
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     """Names of all parameters the adapter owns, in ``model.named_parameters()`` order."""
-    wanted: set[str] = set()
-    for name, module in model.named_modules():
+    wanted = marked_parameter_names(model)
+    for name, layer in peft_layers(model):
         prefix = f"{name}." if name else ""
-        if isinstance(module, PEFTLayer):
-            wanted.update(prefix + local for local in module.peft_parameter_names())
-        for local in module.__dict__.get(TRAIN_ATTR, ()):
-            wanted.add(prefix + local)
-        if module.__dict__.get(SAVE_ATTR, False):
-            wanted.update(prefix + local for local, _ in module.named_parameters())
+        wanted.update(prefix + local for local in layer.peft_parameter_names())
     return [n for n, _ in model.named_parameters(remove_duplicate=False) if n in wanted]
 
 
@@ -143,48 +127,52 @@ def apply_peft(model: nn.Module, methods: PEFTMethod | Sequence[PEFTMethod]) -> 
     """
     method_list = as_method_list(methods)
     plans, save = plan_methods(model, method_list)
-    flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
+    created = get_record(model) is None
+    record = ensure_record(model)
+    record.flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
+    record.adapters[DEFAULT_ADAPTER] = AdapterEntry(methods=[])
     try:
         for method, targets in zip(method_list, plans):
             method.inject(model, targets)
         for name in save:
-            model.get_submodule(name).__dict__[SAVE_ATTR] = True
-        model.__dict__[METHODS_ATTR] = method_list
-        model.__dict__[FLAGS_ATTR] = flags
+            mark_saved(model, model.get_submodule(name))
+        record.adapters[DEFAULT_ADAPTER].methods = method_list
         refresh_requires_grad(model)
     except BaseException:
         # plan() should have caught every problem; if inject still fails, leave the model as it was
-        model.__dict__[FLAGS_ATTR] = flags
-        remove_peft(model)
+        _take_out_adapters(model, merged_ok=False)
+        if created:
+            drop_record(model)
         raise
     return count_parameters(model)
 
 
 def remove_peft(model: nn.Module) -> nn.Module:
     """Take every adapter out without merging: the base model as it was before :func:`apply_peft`,
-    with the parameters' original ``requires_grad`` flags (BitFit/modules_to_save changes stay)."""
-    for name, layer in sorted(peft_layers(model), key=lambda item: -item[0].count(".")):
-        if layer.merged:
-            with torch.no_grad():
-                layer.unmerge()
-        replace_module(model, name, layer.unload())
-    _restore_flags(model)
-    _clear_marks(model)
+    with the parameters' original ``requires_grad`` flags (BitFit/modules_to_save changes stay), and no
+    lightning-peft state or hook left on the module."""
+    _take_out_adapters(model, merged_ok=False)
+    drop_record(model)
     return model
 
 
-def _restore_flags(model: nn.Module) -> None:
-    flags = model.__dict__.pop(FLAGS_ATTR, {})
+def _take_out_adapters(model: nn.Module, merged_ok: bool) -> None:
+    """Replace every PEFT layer by what it wraps (unmerging first unless ``merged_ok``), restore the
+    ``requires_grad`` flags and forget the adapters; the rest of the record (hooks) stays."""
+    # innermost first, so that nested replacements see their parents intact
+    for name, layer in sorted(peft_layers(model), key=lambda item: -item[0].count(".")):
+        if layer.merged and not merged_ok:
+            with torch.no_grad():
+                layer.unmerge()
+        replace_module(model, name, layer.unload())
+    record = get_record(model)
+    if record is None:
+        return
+    flags = record.flags or {}
     for name, param in model.named_parameters(remove_duplicate=False):
         param.requires_grad_(flags.get(name, param.requires_grad))
-
-
-def _clear_marks(model: nn.Module) -> None:
-    for module in model.modules():
-        module.__dict__.pop(TRAIN_ATTR, None)
-        module.__dict__.pop(SAVE_ATTR, None)
-    model.__dict__.pop(METHODS_ATTR, None)
-    model.__dict__.pop(FLAGS_ATTR, None)
+    record.adapters.clear()
+    record.flags = None
 
 
 def refresh_requires_grad(model: nn.Module) -> None:
@@ -259,9 +247,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     layers = list(peft_layers(model))
     if layers and any(not layer.merged for _, layer in layers):
         merge_adapter(model)
-    # innermost first, so that nested replacements see their parents intact
-    for name, layer in sorted(layers, key=lambda item: -item[0].count(".")):
-        replace_module(model, name, layer.unload())
-    _restore_flags(model)
-    _clear_marks(model)
+    _take_out_adapters(model, merged_ok=True)
+    drop_record(model)
     return model

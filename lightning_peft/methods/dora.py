@@ -96,7 +96,9 @@ class DoRALinear(LoRALinear):
             # (the base matmul is reused; b is taken out and put back)
             bias = getattr(self.base_layer, "bias", None)
             direction = torch.add(result if bias is None else result - bias, lora, alpha=self.scaling)
-            return direction * scale if bias is None else torch.addcmul(bias.to(result.dtype), direction, scale)
+            return (
+                direction * scale if bias is None else torch.addcmul(bias.to(result.dtype), direction, scale)
+            )
         # training with dropout: the correction sees x̃ = dropout(x), the base path the clean x
         weight = weight_as_out_in(self.base_layer)
         base = F.linear(dropped.to(weight.dtype), weight).to(result.dtype)  # (..., out) = W x̃
