@@ -103,20 +103,29 @@ def bench_training(
         steps[name] = step
         trainable[name] = common.trainable_count(model)
     print(f"training step, batch {args.batch} x {args.seq}: {len(steps)} variants", flush=True)
+    result = timed_table(
+        steps, trainable, notes, [(f"lightning-peft {m}", f"peft {m}") for m in args.method], args
+    )
+    # DoRA's cost over LoRA, within each library
+    pairs = [(f"{lib} dora", f"{lib} lora") for lib in ("lightning-peft", "peft")]
+    result["dora_vs_lora"] = head_to_head(result.pop("times"), pairs)
+    return result
+
+
+def timed_table(
+    steps: dict[str, Callable[[], None]],
+    trainable: dict[str, int],
+    notes: dict[str, str],
+    pairs: list[tuple[str, str]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Interleaved training-step timings against full fine-tuning, printed as a table, plus head-to-heads."""
     times = common.interleaved(steps, args.repeats, args.warmup)
     rows = common.summarize(times, FULL, trainable, notes)
     table = common.markdown_table(rows, FULL)
-    versus = head_to_head(times, [(f"lightning-peft {m}", f"peft {m}") for m in args.method])
-    # DoRA's cost over LoRA, within each library
-    dora_vs_lora = head_to_head(times, [(f"{lib} dora", f"{lib} lora") for lib in ("lightning-peft", "peft")])
+    versus = head_to_head(times, pairs)
     print(table, flush=True)
-    return {
-        "baseline": FULL,
-        "rows": rows,
-        "table": table,
-        "lightning_peft_vs_peft": versus,
-        "dora_vs_lora": dora_vs_lora,
-    }
+    return {"baseline": FULL, "rows": rows, "table": table, "lightning_peft_vs_peft": versus, "times": times}
 
 
 # -- 3. prefix tuning on a decoder ------------------------------------------------------------------------
@@ -133,12 +142,9 @@ def bench_prefix_decoder(args: argparse.Namespace) -> dict[str, Any]:
     steps = {name: common.training_step(model, batch) for name, model in models.items()}
     trainable = {name: common.trainable_count(model) for name, model in models.items()}
     print(f"prefix tuning on GPT-2 (6 x 384), batch {args.batch} x {args.seq}", flush=True)
-    times = common.interleaved(steps, args.repeats, args.warmup)
-    rows = common.summarize(times, FULL, trainable, {})
-    table = common.markdown_table(rows, FULL)
-    versus = head_to_head(times, [("lightning-peft prefix", "peft prefix")])
-    print(table, flush=True)
-    return {"baseline": FULL, "rows": rows, "table": table, "lightning_peft_vs_peft": versus}
+    result = timed_table(steps, trainable, {}, [("lightning-peft prefix", "peft prefix")], args)
+    del result["times"]
+    return result
 
 
 # -- 4. attach time --------------------------------------------------------------------------------------
