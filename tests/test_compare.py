@@ -11,7 +11,7 @@ import yaml
 from helpers import SST2_DIR
 
 from lightning_peft.cli import main as cli_main
-from lightning_peft.compare import method_entry, run_config
+from lightning_peft.compare import method_entry, run_config, spec_hash
 from lightning_peft.compare_report import aggregate, markdown, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,8 +108,19 @@ def test_compare_runs_resumes_and_reports(
     assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 0
     assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 0
 
-    # an interrupted comparison: the finished run is kept, the missing one runs again
-    (tmp_path / "runs" / "lora-seed0.json").unlink()
+    # the same command again (as after an interruption): finished runs are kept, not trained again
+    (tmp_path / "results.md").unlink()
     assert cli_main(argv) == 0
     second = capsys.readouterr().out
-    assert "[1/2] full seed 0: kept" in second and "[2/2] lora seed 0: training" in second
+    assert "[1/2] full seed 0: kept" in second and "[2/2] lora seed 0: kept" in second
+    assert "training" not in second and (tmp_path / "results.md").read_text() == table
+
+
+def test_a_run_is_kept_only_for_the_same_configuration(tmp_path: Path) -> None:
+    base = yaml.safe_load(LORA_YAML.read_text())
+    method, lr = method_entry("lora", base, {})
+    here = run_config(base, method, lr, seed=0, output=tmp_path / "a", label="lora")
+    elsewhere = run_config(base, method, lr, seed=0, output=tmp_path / "b", label="lora")
+    assert spec_hash(here) == spec_hash(elsewhere)  # the output folder does not change what is trained
+    assert spec_hash(here) != spec_hash(run_config(base, method, 2 * lr, 0, tmp_path, "lora"))
+    assert spec_hash(here) != spec_hash(run_config(base, method, lr, 1, tmp_path, "lora"))
