@@ -27,10 +27,14 @@ class PEFTCallback(Callback):
     Args:
         method: a method configuration such as ``LoRA(r=8)``, or a list of non-conflicting ones.
         verbose: print the trainable-parameter summary on rank 0.
+        adapter_name: the named adapter to train. Adapters already loaded on the module (``load_adapter(module,
+            path, adapter_name=...)``) stay frozen; the optimizer and the checkpoints hold this one only.
     """
 
-    def __init__(self, method: PEFTMethod | list[PEFTMethod], verbose: bool = True) -> None:
-        self.lifecycle = PEFTLifecycle(method, install_hooks=True, verbose=verbose)
+    def __init__(
+        self, method: PEFTMethod | list[PEFTMethod], verbose: bool = True, adapter_name: str = "default"
+    ) -> None:
+        self.lifecycle = PEFTLifecycle(method, install_hooks=True, verbose=verbose, adapter_name=adapter_name)
         self.methods = self.lifecycle.methods
         self.verbose = verbose
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lightning_peft.adapters import add_adapter, delete_adapter, list_adapters, only_adapter
 from lightning_peft.distributed.strategies import check_saveable, is_global_zero
 from lightning_peft.hf import AmbiguousBaseModelError, base_prefix, config_value, name_or_path, task_type_of
 from lightning_peft.hf import base_model as find_base_model
@@ -27,7 +28,6 @@ from lightning_peft.model import (
     is_attached,
     load_adapter_state,
     peft_layers,
-    remove_peft,
     state_dict_key,
     trainable_parameter_names,
 )
@@ -41,6 +41,7 @@ from lightning_peft.reader import (
     read_adapter,
     read_methods,
 )
+from lightning_peft.record import DEFAULT_ADAPTER, get_record
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CHECKPOINT_KEY", "FORMAT_VERSION"]
 
@@ -101,8 +102,12 @@ def adapter_meta(model: nn.Module, methods: Sequence[PEFTMethod], strict: bool =
         if strict:
             raise
         prefix, base = None, {}
+    record = get_record(model)
     return {
         "format_version": FORMAT_VERSION,
+        "adapter_name": record.active[0]
+        if record is not None and len(record.active) == 1
+        else DEFAULT_ADAPTER,
         "methods": [m.to_dict() for m in methods],
         "base_prefix": prefix,
         "base": base,
@@ -141,25 +146,39 @@ def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model: nn.Module, path: PathLike) -> Path:
-    """Write the adapter of ``model`` to the folder ``path``: ``adapter_model.safetensors`` holding only the
-    adapter's tensors (and ``modules_to_save``), and ``adapter_config.json``. No pickle is involved.
+def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = None) -> Path:
+    """Write adapters of ``model`` to the folder ``path`` in HF PEFT's layout: ``adapter_model.safetensors``
+    holding only the adapter's tensors (and ``modules_to_save``), and ``adapter_config.json``. No pickle is
+    involved. With ``adapter_name`` that adapter goes to ``path``; without, every loaded adapter is written,
+    ``"default"`` (or the first) at ``path`` and each other one in the sub-folder ``path/<name>``.
 
     Collective under FSDP2 (it gathers sharded tensors): call it on every rank; rank 0 writes."""
     if not is_attached(model):
         raise ValueError(f"save_adapter: no PEFT method is attached to this {type(model).__name__}")
     check_saveable(model)
     folder = Path(path)
+    names = list_adapters(model)
+    if adapter_name is not None:
+        destinations = {adapter_name: folder}
+    else:
+        root = DEFAULT_ADAPTER if DEFAULT_ADAPTER in names else names[0]
+        destinations = {root: folder, **{n: folder / n for n in names if n != root}}
+    for name, destination in destinations.items():
+        with only_adapter(model, name):
+            _save_one(model, destination)
+    return folder
+
+
+def _save_one(model: nn.Module, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_file_tensors(model)
     if not is_global_zero():
-        return folder  # every rank gathered (a collective under FSDP2); one writes
+        return  # every rank gathered (a collective under FSDP2); one writes
     config, meta = adapter_config_dict(model)
     save_file(
         tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", CHECKPOINT_KEY: json.dumps(meta)}
     )
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return folder
 
 
 def read_adapter_config(path: PathLike) -> list[PEFTMethod]:
@@ -167,25 +186,32 @@ def read_adapter_config(path: PathLike) -> list[PEFTMethod]:
     return read_methods(path)
 
 
-def load_adapter(model: nn.Module, path: PathLike | AdapterFile) -> nn.Module:
-    """Load an adapter onto ``model``: an adapter folder written by :func:`save_adapter` (or by HF PEFT for
-    LoRA/DoRA/IA3/prompt/prefix tuning), an adapter ``.safetensors`` file, or an adapter-only ``.ckpt``.
+def load_adapter(
+    model: nn.Module, path: PathLike | AdapterFile, adapter_name: str = DEFAULT_ADAPTER
+) -> nn.Module:
+    """Load an adapter onto ``model`` under the name ``adapter_name``: an adapter folder written by
+    :func:`save_adapter` (or by HF PEFT for LoRA/DoRA/IA3/prompt/prefix tuning), an adapter ``.safetensors``
+    file, or an adapter-only ``.ckpt``.
 
-    The adapter is attached first if ``model`` has none. Every tensor is checked against the model before
+    An adapter of that name is attached first if ``model`` has none (switched off if other adapters are
+    loaded, see :func:`~lightning_peft.add_adapter`). Every tensor is checked against the model before
     anything is loaded; on a mismatch the error names the tensor and both shapes and the model is unchanged.
     """
     adapter = read_adapter(path)
-    attached_here = not is_attached(model)
+    record = get_record(model)
+    attached_here = record is None or adapter_name not in record.adapters
     if attached_here:
-        apply_peft(model, adapter.methods)
+        add_adapter(model, adapter.methods, adapter_name)
     try:
-        state = _model_state(model, adapter)
-        check_adapter_state(model, state, adapter.source)
+        with only_adapter(model, adapter_name):
+            state = _model_state(model, adapter)
+            check_adapter_state(model, state, adapter.source)
     except Exception:
         if attached_here:
-            remove_peft(model)  # also restores the requires_grad flags
+            delete_adapter(model, adapter_name)  # also restores the requires_grad flags
         raise
-    load_adapter_state(model, state, adapter.source)
+    with only_adapter(model, adapter_name):
+        load_adapter_state(model, state, adapter.source)
     return model
 
 
@@ -241,7 +267,9 @@ def filter_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     if not any(_is_dtensor(v) for v in checkpoint["state_dict"].values()):
         # (a sharded ModelParallelStrategy checkpoint keeps every tensor: Lightning resumes those only whole)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-    checkpoint[CHECKPOINT_KEY] = adapter_meta(module, attached_methods(module) or [], strict=False)
+    record = get_record(module)
+    trained = [m for name in (record.active if record else []) for m in record.adapters[name].methods]  # type: ignore[union-attr]
+    checkpoint[CHECKPOINT_KEY] = adapter_meta(module, trained, strict=False)
 
 
 def checkpoint_methods(checkpoint: dict[str, Any]) -> list[PEFTMethod] | None:
@@ -257,7 +285,7 @@ def prepare_checkpoint_load(module: nn.Module, checkpoint: dict[str, Any]) -> No
         # a full checkpoint loads as usual; FSDP/ModelParallel strategies load (and pop) the weights themselves
         return
     if not is_attached(module):
-        apply_peft(module, methods)
+        apply_peft(module, methods, checkpoint[CHECKPOINT_KEY].get("adapter_name", DEFAULT_ADAPTER))
     state = checkpoint["state_dict"]
     check_adapter_state(module, state, "checkpoint")
     for key, value in module.state_dict().items():

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_peft.adapters import add_adapter, set_adapter
 from lightning_peft.distributed import (
     check_gradients,
     check_not_sharded,
@@ -29,9 +30,9 @@ from lightning_peft.distributed import (
 )
 from lightning_peft.io import CHECKPOINT_KEY, filter_checkpoint, prepare_checkpoint_load
 from lightning_peft.methods.base import PEFTMethod
-from lightning_peft.model import ParameterCount, apply_peft, as_method_list, remove_peft
+from lightning_peft.model import ParameterCount, apply_peft, as_method_list, count_parameters, remove_peft
 from lightning_peft.optim import fix_optimizers
-from lightning_peft.record import attached_methods, ensure_record, get_record, is_attached, replace_attribute
+from lightning_peft.record import DEFAULT_ADAPTER, ensure_record, get_record, is_attached, replace_attribute
 
 
 def same_methods(a: Sequence[PEFTMethod], b: Sequence[PEFTMethod]) -> bool:
@@ -46,14 +47,21 @@ class PEFTLifecycle:
         install_hooks: put the checkpoint hooks and the deferred ``configure_model`` on the module instance
             (a callback must; a mixin has them as methods of its class).
         verbose: report the trainable-parameter count on rank 0 when attaching.
+        adapter_name: the named adapter to attach and train; other adapters already loaded on the module
+            stay frozen and out of the checkpoints.
     """
 
     def __init__(
-        self, methods: PEFTMethod | Sequence[PEFTMethod], install_hooks: bool, verbose: bool = True
+        self,
+        methods: PEFTMethod | Sequence[PEFTMethod],
+        install_hooks: bool,
+        verbose: bool = True,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         self.methods = as_method_list(methods)
         self.install_hooks = install_hooks
         self.verbose = verbose
+        self.adapter_name = adapter_name
 
     # -- attaching ---------------------------------------------------------------------------------------
     def attach(self, module: nn.Module, trainer: pl.Trainer | None = None) -> ParameterCount | None:
@@ -61,17 +69,24 @@ class PEFTLifecycle:
 
         Returns the parameter count when this call attached, ``None`` when the adapter was already there.
         """
-        current = attached_methods(module)
-        if current is not None:
-            if not same_methods(current, self.methods):
+        record = get_record(module)
+        entry = record.adapters.get(self.adapter_name) if record is not None else None
+        if entry is not None:
+            if not same_methods(entry.methods, self.methods):
                 raise ValueError(
-                    f"{type(module).__name__} already has {[type(m).__name__ for m in current]} attached with a "
-                    f"different configuration than {self.methods!r}; attaching twice is not allowed"
+                    f"{type(module).__name__} already has {[type(m).__name__ for m in entry.methods]} attached as "
+                    f"adapter {self.adapter_name!r} with a different configuration than {self.methods!r}; "
+                    "attaching twice is not allowed"
                 )
             _loose_loading(module)  # attached by the user (e.g. in configure_model): same rule
             return None
         check_not_sharded(module)
-        counts = apply_peft(module, self.methods)
+        if is_attached(module):  # other named adapters are loaded: this one trains alone, they stay frozen
+            add_adapter(module, self.methods, self.adapter_name)
+            set_adapter(module, self.adapter_name)
+            counts = count_parameters(module)
+        else:
+            counts = apply_peft(module, self.methods, self.adapter_name)
         record = ensure_record(module)
         record.pending = None
         stage = trainer.state.fn if trainer is not None else None

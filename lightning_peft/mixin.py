@@ -22,6 +22,8 @@ class PEFTMixin:
     """
 
     peft_method: PEFTMethod | list[PEFTMethod] | None = None
+    #: the named adapter the mixin attaches and trains (others loaded on the module stay frozen)
+    peft_adapter_name: str = "default"
 
     def configure_peft(self) -> PEFTMethod | list[PEFTMethod] | None:
         """The method(s) to attach; defaults to ``self.peft_method``."""
@@ -29,7 +31,9 @@ class PEFTMixin:
 
     def _peft_lifecycle(self) -> PEFTLifecycle | None:
         method = self.configure_peft()
-        return None if method is None else PEFTLifecycle(method, install_hooks=False)
+        if method is None:
+            return None
+        return PEFTLifecycle(method, install_hooks=False, adapter_name=self.peft_adapter_name)
 
     def apply_peft(self) -> None:
         """Attach the configured method(s) now (idempotent)."""

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.methods.base import PEFTLayer, PEFTMethod
+from lightning_peft.methods.base import ADAPTER_ROUTING, PEFTLayer, PEFTMethod
 from lightning_peft.methods.registry import available_methods
 from lightning_peft.record import (
     DEFAULT_ADAPTER,
@@ -72,9 +72,12 @@ def peft_layers(model: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:
-    """Names of all parameters the adapter owns, in ``model.named_parameters()`` order."""
+    """Names of the parameters the active adapter(s) own: what trains and what checkpoints hold, in
+    ``model.named_parameters()`` order."""
     wanted = marked_parameter_names(model)
     for name, layer in peft_layers(model):
+        if not layer.active:
+            continue
         prefix = f"{name}." if name else ""
         wanted.update(prefix + local for local in layer.peft_parameter_names())
     return [n for n, _ in model.named_parameters(remove_duplicate=False) if n in wanted]
@@ -94,15 +97,19 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(trainable, total)
 
 
-def plan_methods(model: nn.Module, methods: Sequence[PEFTMethod]) -> tuple[list[ModuleTargets], list[str]]:
+def plan_methods(
+    model: nn.Module, methods: Sequence[PEFTMethod], adapter_name: str = DEFAULT_ADAPTER
+) -> tuple[list[ModuleTargets], list[str]]:
     """Validate every method against ``model`` without touching it; returns the targets and modules to save."""
-    if is_attached(model):
-        names = [type(m).__name__ for m in attached_methods(model) or []]
+    record = get_record(model)
+    if record is not None and adapter_name in record.adapters:
+        names = [type(m).__name__ for m in record.adapters[adapter_name].methods]
         raise ValueError(
-            f"PEFT methods {names} are already attached to this {type(model).__name__}; attaching twice is not "
-            "allowed. Call merge_and_unload(model) first, or load a fresh base model."
+            f"PEFT methods {names} are already attached to this {type(model).__name__} as adapter "
+            f"{adapter_name!r}; attaching twice is not allowed. Call merge_and_unload(model) first, load a fresh "
+            "base model, or add another adapter under a new name with add_adapter(model, method, name)."
         )
-    if any(True for _ in peft_layers(model)):
+    if not is_attached(model) and any(True for _ in peft_layers(model)):
         raise ValueError(
             f"this {type(model).__name__} already contains PEFT layers; attaching twice is not allowed"
         )
@@ -120,30 +127,57 @@ def plan_methods(model: nn.Module, methods: Sequence[PEFTMethod]) -> tuple[list[
     return plans, save
 
 
-def apply_peft(model: nn.Module, methods: PEFTMethod | Sequence[PEFTMethod]) -> ParameterCount:
-    """Freeze ``model``, attach ``methods`` and make exactly the adapter's parameters trainable.
+def apply_peft(
+    model: nn.Module,
+    methods: PEFTMethod | Sequence[PEFTMethod],
+    adapter_name: str = DEFAULT_ADAPTER,
+    activate: bool = True,
+) -> ParameterCount:
+    """Freeze ``model``, attach ``methods`` (as the adapter ``adapter_name``) and make exactly the active
+    adapters' parameters trainable. ``activate=False`` attaches the adapter switched off (see
+    :func:`lightning_peft.add_adapter`).
 
     Everything is validated first: on error nothing in the model has changed.
     """
     method_list = as_method_list(methods)
-    plans, save = plan_methods(model, method_list)
+    plans, save = plan_methods(model, method_list, adapter_name)
     created = get_record(model) is None
     record = ensure_record(model)
-    record.flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
-    record.adapters[DEFAULT_ADAPTER] = AdapterEntry(methods=[])
+    first = not record.adapters
+    if first:
+        record.flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
+        record.active = []
+    existing = {id(layer) for _, layer in peft_layers(model)}
+    record.adapters[adapter_name] = AdapterEntry(methods=[])
+    record.attaching = adapter_name
     try:
         for method, targets in zip(method_list, plans):
             method.inject(model, targets)
         for name in save:
             mark_saved(model, model.get_submodule(name))
-        record.adapters[DEFAULT_ADAPTER].methods = method_list
+        for _, layer in peft_layers(model):
+            if id(layer) not in existing:
+                layer.adapter_name, layer.active = adapter_name, activate
+        record.adapters[adapter_name].methods = method_list
+        if activate:
+            record.active.append(adapter_name)
+        install_routing(model)
         refresh_requires_grad(model)
     except BaseException:
         # plan() should have caught every problem; if inject still fails, leave the model as it was
-        _take_out_adapters(model, merged_ok=False)
+        if first:
+            _take_out_adapters(model, merged_ok=False)
+        else:  # only the layers of this attach go; the other adapters stay
+            for path, layer in sorted(peft_layers(model), key=lambda item: -item[0].count(".")):
+                if id(layer) not in existing:
+                    replace_module(model, path, layer.base_layer)
+            record.adapters.pop(adapter_name, None)
+            refresh_requires_grad(model)
         if created:
             drop_record(model)
         raise
+    finally:
+        record.attaching = None
     return count_parameters(model)
 
 
@@ -172,7 +206,53 @@ def _take_out_adapters(model: nn.Module, merged_ok: bool) -> None:
     for name, param in model.named_parameters(remove_duplicate=False):
         param.requires_grad_(flags.get(name, param.requires_grad))
     record.adapters.clear()
+    record.active = []
     record.flags = None
+    for handle in record.handles:
+        handle.remove()
+    record.handles.clear()
+
+
+def install_routing(model: nn.Module) -> None:
+    """Let ``model(..., adapter_names=[...])`` choose an adapter per sample (``"__base__"``: none). The hook
+    handles live in the record, so removing the adapters removes them."""
+    record = ensure_record(model)
+    if record.handles:
+        return
+    record.handles = [
+        model.register_forward_pre_hook(_RouteAdapters(model), with_kwargs=True),
+        model.register_forward_hook(_EndRouting(), always_call=True),
+    ]
+
+
+class _RouteAdapters:
+    """Pops ``adapter_names`` from the root's forward keywords; a picklable object, not a closure."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        names = kwargs.pop("adapter_names", None)
+        if names is not None:
+            record = get_record(self.model)
+            known = list(record.adapters) if record is not None else []
+            unknown = sorted({n for n in names if n != BASE_NAME and n not in known})
+            if unknown:
+                raise ValueError(
+                    f"adapter_names names unknown adapters {unknown}; loaded adapters are {known}, and "
+                    f"{BASE_NAME!r} means the base model"
+                )
+            ADAPTER_ROUTING.set(list(names))
+        return args, kwargs
+
+
+class _EndRouting:
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        ADAPTER_ROUTING.set(None)
+
+
+#: the name that selects no adapter in ``adapter_names``
+BASE_NAME = "__base__"
 
 
 def refresh_requires_grad(model: nn.Module) -> None:

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from lightning_peft.methods.base import DEFAULT_ADAPTER_NAME
+
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_peft.methods.base import PEFTMethod
 
 #: the name of the adapter that single-adapter APIs create and use
-DEFAULT_ADAPTER = "default"
+DEFAULT_ADAPTER = DEFAULT_ADAPTER_NAME
 #: the only attribute lightning-peft adds to a module's ``__dict__``
 _RECORD_KEY = "_lightning_peft"
 #: marks an attribute that did not exist on the instance before a hook replaced it
@@ -43,8 +45,14 @@ class AdapterEntry:
 class AdapterRecord:
     """Everything lightning-peft knows about one model's adapters."""
 
-    #: the attached adapters by name (today one, ``"default"``)
+    #: the attached adapters by name, in the order they were added (``"default"`` for single-adapter use)
     adapters: dict[str, AdapterEntry] = field(default_factory=dict)
+    #: the adapters that run in ``forward`` and train
+    active: list[str] = field(default_factory=list)
+    #: the adapter whose ``inject`` is running (where :func:`mark_trainable` records)
+    attaching: str | None = None
+    #: forward hooks on the model (per-sample adapter routing), removed with the adapters
+    handles: list[Any] = field(default_factory=list)
     #: ``requires_grad`` of every parameter (by ``named_parameters`` name) before the first attach
     flags: dict[str, bool] | None = None
     #: method configurations waiting for ``configure_model`` to build their target layers
@@ -77,6 +85,8 @@ def drop_record(model: nn.Module) -> None:
     record = model.__dict__.pop(_RECORD_KEY, None)
     if record is None:
         return
+    for handle in record.handles:
+        handle.remove()
     for name, before in record.replaced.items():
         if before is _ABSENT:
             model.__dict__.pop(name, None)
@@ -119,7 +129,7 @@ def mark_saved(model: nn.Module, module: nn.Module) -> None:
 def _attaching(model: nn.Module) -> AdapterEntry:
     # methods mark parameters inside inject(); apply_peft opens the entry before injecting
     record = ensure_record(model)
-    return record.adapters.setdefault(DEFAULT_ADAPTER, AdapterEntry(methods=[]))
+    return record.adapters.setdefault(record.attaching or DEFAULT_ADAPTER, AdapterEntry(methods=[]))
 
 
 def marked_parameter_names(model: nn.Module) -> set[str]:
@@ -129,7 +139,7 @@ def marked_parameter_names(model: nn.Module) -> set[str]:
         return set()
     names = {id(m): name for name, m in model.named_modules()}
     wanted: set[str] = set()
-    for entry in record.adapters.values():
+    for entry in (record.adapters[a] for a in record.active if a in record.adapters):
         for module, locals_ in entry.trained.items():
             if id(module) in names:
                 prefix = f"{names[id(module)]}." if names[id(module)] else ""

@@ -40,9 +40,10 @@ from lightning_peft.record import mark_trainable
 from lightning_peft.targeting import (
     ModuleTargets,
     find_targets,
+    innermost,
     is_linear_like,
     linear_dims,
-    replace_module,
+    wrap_target,
 )
 
 PLACEMENTS = ("houlsby", "pfeiffer")
@@ -236,12 +237,10 @@ class Adapter(PEFTMethod):
 
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
         for name in targets:
-            base = model.get_submodule(name)
-            features = output_features(base)
+            features = output_features(innermost(model.get_submodule(name)))
             assert features is not None
-            replace_module(
-                model, name, self.layer_class(base, self.bottleneck_for(features), self.activation)
-            )
+            size = self.bottleneck_for(features)
+            wrap_target(model, name, lambda base, size=size: self.layer_class(base, size, self.activation))
         if not self.layernorms_trained:
             return
         norms = layernorms_near(model, targets)

@@ -34,7 +34,7 @@ from lightning_peft.methods.peft_interop import (
     peft_module_list,
 )
 from lightning_peft.methods.registry import register_method
-from lightning_peft.targeting import ModuleTargets, find_targets, linear_dims, matches_any, replace_module
+from lightning_peft.targeting import ModuleTargets, find_targets, linear_dims, matches_any, wrap_target
 
 #: HF PEFT IA3 options lightning-peft does not implement, with the value that means "off"
 UNSUPPORTED_IA3_OPTIONS: dict[str, Any] = {"init_ia3_weights": True}
@@ -181,8 +181,7 @@ class IA3(PEFTMethod):
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
         feedforward = set(self.feedforward_targets(model, targets))
         for name in targets:
-            base = model.get_submodule(name)
-            replace_module(model, name, IA3Layer(base, is_feedforward=name in feedforward))
+            wrap_target(model, name, lambda base, ff=name in feedforward: IA3Layer(base, is_feedforward=ff))
 
     # -- HF PEFT interop -------------------------------------------------------------------------------
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:

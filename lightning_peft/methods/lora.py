@@ -37,14 +37,17 @@ from lightning_peft.targeting import (
     ModuleTargets,
     conv1d_type,
     find_targets,
+    innermost,
     linear_dims,
-    replace_module,
+    wrap_target,
 )
 
 
 def weight_as_out_in(layer: nn.Module) -> torch.Tensor:
-    """The base weight as (out, in), whether it is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (stored (in, out))."""
-    return layer.weight if isinstance(layer, nn.Linear) else layer.weight.T
+    """The base weight as (out, in), whether it is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (stored (in, out)), also
+    through the adapter layers of other named adapters that wrap it."""
+    inner = innermost(layer)
+    return inner.weight if isinstance(inner, nn.Linear) else inner.weight.T
 
 
 class LoRALinear(PEFTLayer):
@@ -185,9 +188,8 @@ class LoRA(PEFTMethod):
 
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
         for name in targets:
-            base = model.get_submodule(name)
-            layer = self.make_layer(base)
-            replace_module(model, name, layer)
+            base = innermost(model.get_submodule(name))
+            wrap_target(model, name, self.make_layer)
             if self.bias == "lora_only" and getattr(base, "bias", None) is not None:
                 mark_trainable(model, base, "bias")
         if self.bias == "all":
