@@ -9,7 +9,7 @@ from lightning_peft.adapters import (
     set_adapter,
 )
 from lightning_peft.callback import PEFTCallback
-from lightning_peft.combine_folders import combine_adapters
+from lightning_peft.combine_folders import combine_adapter_folders, combine_adapters
 from lightning_peft.io import load_adapter, load_peft_checkpoint, save_adapter
 from lightning_peft.lifecycle import PEFTLifecycle
 from lightning_peft.methods import (
@@ -56,6 +56,7 @@ __all__ = [
     "adapter_state_dict",
     "apply_peft",
     "available_methods",
+    "combine_adapter_folders",
     "combine_adapters",
     "count_parameters",
     "delete_adapter",

@@ -1,4 +1,4 @@
-"""``combine_adapters``: several saved LoRA/DoRA adapter folders of one base model → one new adapter folder.
+"""``combine_adapter_folders``: several saved LoRA/DoRA adapter folders of one base model → one new adapter folder.
 
 The math is :mod:`lightning_peft.combine`, layer by layer. Around it:
 
@@ -15,6 +15,7 @@ The math is :mod:`lightning_peft.combine`, layer by layer. Around it:
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_peft.adapters import list_adapters, without_adapters
 from lightning_peft.combine import LoRAFactors, check_combination, combine_deltas, combine_layer
 from lightning_peft.fingerprint import check_base
 from lightning_peft.hub import resolve_adapter_path
-from lightning_peft.io import _model_state, save_adapter
+from lightning_peft.io import _model_state, load_adapter, save_adapter
 from lightning_peft.methods.dora import DoRA, DoRALinear
 from lightning_peft.methods.lora import LoRA, LoRALinear, weight_as_out_in
 from lightning_peft.methods.lora_patterns import relative_name, transformers_prefix
@@ -79,7 +81,7 @@ def read_lora_folder(model: nn.Module, folder: PathLike) -> ReadAdapter:
     return read
 
 
-def combine_adapters(
+def combine_adapter_folders(
     model: nn.Module,
     adapters: Sequence[PathLike],
     weights: Sequence[float],
@@ -204,3 +206,41 @@ def _combined_full(
         delta = combine_deltas(deltas, weights, how, density, majority_sign, generator)
         combined[key] = (original + delta).to(base[key].dtype)
     return combined
+
+
+def combine_adapters(
+    model: nn.Module,
+    adapter_names: Sequence[str],
+    weights: Sequence[float],
+    new_name: str,
+    how: str = "linear",
+    *,
+    rank: int | None = None,
+    density: float = 0.5,
+    majority_sign: str = "total",
+    seed: int = 0,
+) -> None:
+    """Combine the named LoRA/DoRA adapters ``adapter_names`` loaded on ``model`` with ``weights`` into a new
+    adapter ``new_name`` on the same model (added switched off, like :func:`~lightning_peft.add_adapter`).
+    ``how`` and the options are those of :func:`combine_adapter_folders`, whose formulas take each adapter's
+    own scaling (rsLoRA included), rank, ``lora_bias`` and DoRA magnitude into account."""
+    if new_name in list_adapters(model):
+        raise ValueError(f"combine_adapters: new_name={new_name!r} is already loaded; choose another name")
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = [
+            save_adapter(model, Path(tmp) / f"in{i}", adapter_name=n) for i, n in enumerate(adapter_names)
+        ]
+        out = Path(tmp) / "combined"
+        with without_adapters(model):
+            combine_adapter_folders(
+                model,
+                folders,
+                weights,
+                out,
+                how,
+                rank=rank,
+                density=density,
+                majority_sign=majority_sign,
+                seed=seed,
+            )
+        load_adapter(model, out, adapter_name=new_name)

@@ -1,5 +1,5 @@
 """Combining adapters: every ``how`` against its formula on delta weights (rsLoRA, different ranks, lora_bias,
-DoRA), and the folder-level ``combine_adapters`` against merged models."""
+DoRA), and the folder-level ``combine_adapter_folders`` against merged models."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from lightning_peft import (
     DoRA,
     LoRA,
     apply_peft,
-    combine_adapters,
+    combine_adapter_folders,
     load_adapter,
     merge_and_unload,
     save_adapter,
@@ -232,7 +232,7 @@ def test_combined_folder_is_the_weighted_sum_of_merged_updates(tmp_path: Path, h
         ),
     ]
     base_state = {k: v.double() for k, v in base.state_dict().items()}
-    combine_adapters(base, [tmp_path / n for n in "abc"], WEIGHTS, tmp_path / "out", how=how)
+    combine_adapter_folders(base, [tmp_path / n for n in "abc"], WEIGHTS, tmp_path / "out", how=how)
     assert all(
         torch.equal(v, base.state_dict()[k])
         for k, v in with_biases(TINY_MODELS["bert"])().state_dict().items()
@@ -262,7 +262,7 @@ def test_combined_dora_folders_match_the_effective_weights(tmp_path: Path) -> No
     ]
     base = with_biases(TINY_MODELS["bert"])()
     base_state = {k: v.double() for k, v in base.state_dict().items()}
-    combine_adapters(base, [tmp_path / "a", tmp_path / "b"], [0.5, 0.8], tmp_path / "out")
+    combine_adapter_folders(base, [tmp_path / "a", tmp_path / "b"], [0.5, 0.8], tmp_path / "out")
     combined = load_adapter(with_biases(TINY_MODELS["bert"])(), tmp_path / "out")
     assert type(combined.bert.encoder.layer[0].attention.self.query).__name__ == "DoRALinear"
     got = merged_state(combined)
@@ -278,7 +278,7 @@ def test_ties_folder_combines_and_refuses_other_methods(tmp_path: Path) -> None:
     trained(LoRA(r=2, target_modules=["query"]), tmp_path / "b", 2)
     trained(IA3(), tmp_path / "ia3", 3)
     base = with_biases(TINY_MODELS["bert"])()
-    combine_adapters(
+    combine_adapter_folders(
         base, [tmp_path / "a", tmp_path / "b"], [1.0, 1.0], tmp_path / "ties", how="ties", rank=4
     )
     layer = (
@@ -288,7 +288,7 @@ def test_ties_folder_combines_and_refuses_other_methods(tmp_path: Path) -> None:
     )
     assert layer.r == 4 and layer.scaling == 1.0
     with pytest.raises(ValueError, match="combines LoRA and DoRA adapters only.*IA3"):
-        combine_adapters(base, [tmp_path / "a", tmp_path / "ia3"], [1.0, 1.0], tmp_path / "bad")
+        combine_adapter_folders(base, [tmp_path / "a", tmp_path / "ia3"], [1.0, 1.0], tmp_path / "bad")
     assert not any(type(m).__name__ == "LoRALinear" for m in base.modules())
 
 
@@ -307,7 +307,7 @@ def test_agrees_with_hf_peft_where_hf_peft_is_exact(tmp_path: Path, how: str) ->
     theirs.add_weighted_adapter(["a", "b"], [0.6, -0.9], "ab", combination_type=how, **options)
     theirs.set_adapter("ab")
 
-    combine_adapters(
+    combine_adapter_folders(
         with_biases(TINY_MODELS["bert"])(),
         [tmp_path / "a", tmp_path / "b"],
         [0.6, -0.9],
@@ -338,7 +338,7 @@ def test_combines_an_hf_peft_adapter_with_ours(tmp_path: Path) -> None:
     hf_as_ours = load_adapter(with_biases(TINY_MODELS["bert"])(), tmp_path / "hf")
     base = with_biases(TINY_MODELS["bert"])()
     base_state = {k: v.double() for k, v in base.state_dict().items()}
-    combine_adapters(base, [tmp_path / "hf", tmp_path / "ours"], [0.5, 0.5], tmp_path / "out")
+    combine_adapter_folders(base, [tmp_path / "hf", tmp_path / "ours"], [0.5, 0.5], tmp_path / "out")
     got = merged_state(load_adapter(with_biases(TINY_MODELS["bert"])(), tmp_path / "out"))
     for key, value in base_state.items():
         want = value + sum(0.5 * (merged_state(m)[key] - value) for m in (hf_as_ours, ours))
