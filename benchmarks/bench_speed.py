@@ -5,6 +5,11 @@
    fine-tuning.
 2. Inference (eval, ``no_grad``): base model vs LoRA unmerged / merged, lightning-peft and HF PEFT holding
    the same adapter weights; ratios relative to the base model.
+3. ``--prefix-decoder``: prefix tuning's training step on a GPT-2 of MiniLM's size (HF PEFT's prefix tuning
+   needs a decoder), full fine-tuning vs lightning-peft vs HF PEFT.
+4. ``--attach``: time to attach LoRA to every linear layer of a 48-layer model (289 layers):
+   ``apply_peft`` vs HF PEFT's ``get_peft_model``, on fresh copies, interleaved.
+5. ``--profile METHOD``: ``torch.profiler`` table of one lightning-peft training step (where the time goes).
 
 All variants live in one process and are timed in interleaved rounds after a warm-up, so that a change in
 the machine's load hits them alike. Run ``python benchmarks/bench_speed.py --help`` for the options.
@@ -13,6 +18,7 @@ the machine's load hits them alike. Run ``python benchmarks/bench_speed.py --hel
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-peft", action="store_true", help="leave out the HF PEFT variants")
     parser.add_argument("--skip-train", action="store_true", help="only the inference benchmark")
     parser.add_argument("--skip-inference", action="store_true", help="only the training-step benchmark")
+    parser.add_argument("--prefix-decoder", action="store_true", help="prefix tuning on a GPT-2 vs HF PEFT")
+    parser.add_argument("--attach", action="store_true", help="attach time on a 48-layer model vs HF PEFT")
+    parser.add_argument("--attach-layers", type=int, default=48)
+    parser.add_argument("--profile", choices=common.METHODS, help="profile one training step of a method")
     parser.add_argument("--json", metavar="PATH", help="also write the results (and raw times) as JSON")
     args = parser.parse_args(argv)
     if "all" in args.method:
@@ -93,12 +103,122 @@ def bench_training(
         steps[name] = step
         trainable[name] = common.trainable_count(model)
     print(f"training step, batch {args.batch} x {args.seq}: {len(steps)} variants", flush=True)
+    result = timed_table(
+        steps, trainable, notes, [(f"lightning-peft {m}", f"peft {m}") for m in args.method], args
+    )
+    # DoRA's cost over LoRA, within each library
+    pairs = [(f"{lib} dora", f"{lib} lora") for lib in ("lightning-peft", "peft")]
+    result["dora_vs_lora"] = head_to_head(result.pop("times"), pairs)
+    return result
+
+
+def timed_table(
+    steps: dict[str, Callable[[], None]],
+    trainable: dict[str, int],
+    notes: dict[str, str],
+    pairs: list[tuple[str, str]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Interleaved training-step timings against full fine-tuning, printed as a table, plus head-to-heads."""
     times = common.interleaved(steps, args.repeats, args.warmup)
     rows = common.summarize(times, FULL, trainable, notes)
     table = common.markdown_table(rows, FULL)
-    versus = head_to_head(times, [(f"lightning-peft {m}", f"peft {m}") for m in args.method])
+    versus = head_to_head(times, pairs)
     print(table, flush=True)
-    return {"baseline": FULL, "rows": rows, "table": table, "lightning_peft_vs_peft": versus}
+    return {"baseline": FULL, "rows": rows, "table": table, "lightning_peft_vs_peft": versus, "times": times}
+
+
+# -- 3. prefix tuning on a decoder ------------------------------------------------------------------------
+def bench_prefix_decoder(args: argparse.Namespace) -> dict[str, Any]:
+    base = common.load_decoder()
+    batch = common.make_batch(base, args.batch, args.seq)
+    batch["labels"] = batch["input_ids"].clone()  # next-token loss
+    models = {
+        FULL: common.full_finetuning(base),
+        "lightning-peft prefix": common.with_lightning_peft(base, "prefix", head_name=None),
+    }
+    if not args.no_peft:
+        models["peft prefix"] = common.with_peft(base, "prefix", task_type="CAUSAL_LM")
+    steps = {name: common.training_step(model, batch) for name, model in models.items()}
+    trainable = {name: common.trainable_count(model) for name, model in models.items()}
+    print(f"prefix tuning on GPT-2 (6 x 384), batch {args.batch} x {args.seq}", flush=True)
+    result = timed_table(steps, trainable, {}, [("lightning-peft prefix", "peft prefix")], args)
+    del result["times"]
+    return result
+
+
+# -- 4. attach time --------------------------------------------------------------------------------------
+def bench_attach(args: argparse.Namespace) -> dict[str, Any]:
+    """Wall time of attaching LoRA (r=8) to every linear layer of a deep model, each call on a fresh copy."""
+    import copy
+    import time
+    import warnings
+
+    import peft
+
+    import lightning_peft as lp
+
+    base = common.deep_bert(args.attach_layers)
+    targets = ["query", "key", "value", "dense"]
+
+    def ours(model: nn.Module) -> None:
+        lp.apply_peft(model, lp.LoRA(r=8, target_modules=targets, modules_to_save=["classifier"]))
+
+    def theirs(model: nn.Module) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=8, target_modules=targets))
+
+    contenders = {"lightning-peft apply_peft": ours}
+    if not args.no_peft:
+        contenders["peft get_peft_model"] = theirs
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    layers = 0
+    for round_index in range(args.repeats):
+        order = (
+            list(contenders)[round_index % len(contenders) :]
+            + list(contenders)[: round_index % len(contenders)]
+        )
+        for name in order:
+            model = copy.deepcopy(base)  # untimed
+            start = time.perf_counter()
+            contenders[name](model)
+            seconds[name].append(time.perf_counter() - start)
+            if name.startswith("lightning-peft"):
+                layers = sum(isinstance(m, lp.PEFTLayer) for m in model.modules())
+            del model
+    lines = ["| attach | median (ms) | min (ms) | paired ratio vs HF PEFT |", "|---|---:|---:|---:|"]
+    for name, values in seconds.items():
+        ratio = (
+            common.paired(values, seconds["peft get_peft_model"])
+            if "peft get_peft_model" in seconds
+            else None
+        )
+        lines.append(
+            f"| {name} | {1000 * statistics.median(values):.0f} | {1000 * min(values):.0f} "
+            f"| {'' if ratio is None else f'{ratio:.2f}×'} |"
+        )
+    table = "\n".join(lines)
+    print(
+        f"attach LoRA r=8 to {args.attach_layers} layers x (query, key, value, 3 dense) + pooler", flush=True
+    )
+    print(table, flush=True)
+    return {"seconds": seconds, "layers": layers, "table": table}
+
+
+# -- 5. profile ------------------------------------------------------------------------------------------
+def profile_step(base: nn.Module, batch: dict[str, torch.Tensor], method: str) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    step = common.training_step(common.with_lightning_peft(base, method), batch)
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    print(f"profile of one lightning-peft {method} training step, batch {batch['input_ids'].shape}")
+    print(table, flush=True)
+    return table
 
 
 def head_to_head(
@@ -206,6 +326,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["training_step"] = bench_training(base, batch, args)
     if not args.skip_inference:
         results["inference"] = bench_inference(base, batch, args)
+    if args.prefix_decoder:
+        results["prefix_decoder"] = bench_prefix_decoder(args)
+    if args.attach:
+        results["attach"] = bench_attach(args)
+    if args.profile:
+        results["profile"] = profile_step(base, batch, args.profile)
     results["environment"]["load_average_end"] = common.environment()["load_average"]
     if args.json:
         common.write_json(args.json, results)

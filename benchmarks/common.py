@@ -53,6 +53,31 @@ def load_minilm() -> nn.Module:
     )
 
 
+def load_decoder() -> nn.Module:
+    """A GPT-2 the size of MiniLM (6 layers, hidden 384, 12 heads, BERT's vocabulary), randomly initialised:
+    HF PEFT's prefix tuning needs a decoder, and a step's time does not depend on the weights' values."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=6, n_embd=384, n_head=12, n_positions=512, vocab_size=30522)
+    return GPT2LMHeadModel(config)
+
+
+def deep_bert(layers: int = 48) -> nn.Module:
+    """MiniLM's shape (hidden 384, 12 heads, FFN 1536) with ``layers`` layers, randomly initialised."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        num_hidden_layers=layers,
+        hidden_size=384,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
 def make_batch(model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random token ids with no padding: every variant does the work of a full batch × seq."""
     g = torch.Generator().manual_seed(seed)
@@ -66,12 +91,12 @@ def make_batch(model: nn.Module, batch: int, seq: int, seed: int = 0) -> dict[st
 
 
 # -- method configurations -------------------------------------------------------------------------------
-def lightning_peft_method(name: str) -> Any:
+def lightning_peft_method(name: str, head_name: str | None = "classifier") -> Any:
     """The default configuration of a lightning-peft method; every one also trains the new classifier head
-    (``modules_to_save``), as HF PEFT's ``task_type="SEQ_CLS"`` does."""
+    (``modules_to_save``), as HF PEFT's ``task_type="SEQ_CLS"`` does (``head_name=None``: no head)."""
     import lightning_peft as lp
 
-    head = {"modules_to_save": ["classifier"]}
+    head = {"modules_to_save": [head_name] if head_name else []}
     factories: dict[str, Callable[[], Any]] = {
         "lora": lambda: lp.LoRA(r=8, alpha=16, target_modules=["query", "value"], **head),
         "dora": lambda: lp.DoRA(target_modules=["query", "value"], **head),
@@ -84,7 +109,7 @@ def lightning_peft_method(name: str) -> Any:
     return factories[name]()
 
 
-def peft_config(name: str) -> Any | None:
+def peft_config(name: str, task_type: str = "SEQ_CLS") -> Any | None:
     """HF PEFT's equivalent configuration, or ``None`` where PEFT has no such method (adapter, BitFit)."""
     import peft
 
@@ -93,25 +118,25 @@ def peft_config(name: str) -> Any | None:
         "lora": lambda: peft.LoraConfig(task_type="SEQ_CLS", **lora),
         "dora": lambda: peft.LoraConfig(task_type="SEQ_CLS", use_dora=True, **lora),
         "ia3": lambda: peft.IA3Config(task_type="SEQ_CLS"),
-        "prefix": lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20),
+        "prefix": lambda: peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=20),
         "prompt": lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=20),
     }
     return factories[name]() if name in factories else None
 
 
-def with_lightning_peft(base: nn.Module, name: str) -> nn.Module:
+def with_lightning_peft(base: nn.Module, name: str, head_name: str | None = "classifier") -> nn.Module:
     import lightning_peft as lp
 
     model = copy.deepcopy(base)
     torch.manual_seed(1)
-    lp.apply_peft(model, lightning_peft_method(name))
+    lp.apply_peft(model, lightning_peft_method(name, head_name))
     return model
 
 
-def with_peft(base: nn.Module, name: str) -> nn.Module:
+def with_peft(base: nn.Module, name: str, task_type: str = "SEQ_CLS") -> nn.Module:
     import peft
 
-    config = peft_config(name)
+    config = peft_config(name, task_type)
     if config is None:
         raise LookupError(f"HF PEFT has no {name} method")
     model = copy.deepcopy(base)

@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
 
+from lightning_peft.quiet import quiet_model_loading
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "sst2"
 PACKAGED_MODELS = ("minilm", "all-minilm-l6-v2")
@@ -72,7 +74,10 @@ class TextClassificationDataModule(pl.LightningDataModule):
         text_column: column holding the text.
         label_column: column holding the integer label.
         train_size: use only the first N training rows (``None`` = all); the classic recipe uses 2,000.
-        eval_split: which split ``validate`` uses: ``"validation"`` or ``"test"``.
+        val_size: validate (and pick checkpoints) on the first N rows of the ``validation`` file (``None`` =
+            all of it). Where the data has no validation file, the last N training rows are held out instead
+            (never overlapping the ``train_size`` rows used for training). The ``test`` split is never used
+            for validation: it is read only by ``trainer.test`` / ``predict``, once, at the end.
         batch_size: batch size for every split.
         max_length: truncate sentences to this many tokens.
         num_workers: DataLoader workers.
@@ -88,15 +93,16 @@ class TextClassificationDataModule(pl.LightningDataModule):
         text_column: str = "sentence",
         label_column: str = "label",
         train_size: int | None = 2000,
-        eval_split: str = "test",
+        val_size: int | None = 1000,
         batch_size: int = 16,
         max_length: int = 128,
         num_workers: int = 0,
         shuffle: bool = True,
     ) -> None:
         super().__init__()
-        if eval_split not in ("validation", "test"):
-            raise ValueError(f"eval_split must be 'validation' or 'test', got {eval_split!r}")
+        for name, value in (("train_size", train_size), ("val_size", val_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None (all rows), got {value!r}")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir) if data_dir else DEFAULT_DATA_DIR
         self.splits: dict[str, list[tuple[str, int]]] = {}
@@ -119,23 +125,37 @@ class TextClassificationDataModule(pl.LightningDataModule):
                 return candidate
         raise FileNotFoundError(f"data_dir={str(self.data_dir)!r} has no {split}.tsv or {split}.csv")
 
+    def _has_split(self, split: str) -> bool:
+        return any((self.data_dir / f"{split}{suffix}").is_file() for suffix in (".tsv", ".csv"))
+
     def _load_split(self, split: str) -> list[tuple[str, int]]:
         hp = self.hparams
         if hp.dataset_name:
             import datasets  # optional, online only
 
-            hf_split = {"test": "validation", "validation": "validation"}.get(split, split)
+            # GLUE-style hub datasets hide their test labels: their labelled "validation" split serves as the
+            # test set here, and validation rows are held out of train (see setup)
+            hf_split = "validation" if split == "test" else split
             data = datasets.load_dataset(hp.dataset_name, hp.dataset_config, split=hf_split)
             return [(str(r[hp.text_column]), int(r[hp.label_column])) for r in data]
         return read_table(self._file(split), hp.text_column, hp.label_column)
 
     def setup(self, stage: str | None = None) -> None:
-        if "train" not in self.splits and stage in (None, "fit"):
+        hp = self.hparams
+        if stage in (None, "fit", "validate") and "validation" not in self.splits:
             rows = self._load_split("train")
-            self.splits["train"] = rows[: self.hparams.train_size] if self.hparams.train_size else rows
-        eval_split = self.hparams.eval_split
-        if eval_split not in self.splits:
-            self.splits[eval_split] = self._load_split(eval_split)
+            use_file = not hp.dataset_name and self._has_split("validation")
+            held_out: list[tuple[str, int]] = []
+            if not use_file:  # no validation file: hold out the last val_size rows of train
+                count = hp.val_size or max(len(rows) // 10, 1)
+                if len(rows) <= count:
+                    raise ValueError(
+                        f"val_size={hp.val_size} leaves no training rows: the training data has {len(rows)}"
+                    )
+                rows, held_out = rows[:-count], rows[-count:]
+            self.splits["train"] = rows[: hp.train_size] if hp.train_size else rows
+            val = self._load_split("validation") if use_file else held_out
+            self.splits["validation"] = val[: hp.val_size] if hp.val_size else val
         if stage in (None, "test", "predict") and "test" not in self.splits:
             self.splits["test"] = self._load_split("test")
 
@@ -160,7 +180,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         return self._loader("train", shuffle=self.hparams.shuffle)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.eval_split)
+        return self._loader("validation")
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
@@ -204,9 +224,10 @@ class SequenceClassifier(pl.LightningModule):
             if len(labels) != num_labels:
                 raise ValueError(f"labels must name num_labels={num_labels} classes, got {labels!r}")
             names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(model_name_or_path), num_labels=num_labels, **names
-        )
+        with quiet_model_loading():  # the new classifier head is expected to be missing from the checkpoint
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                resolve_model_path(model_name_or_path), num_labels=num_labels, **names
+            )
         # from_pretrained returns eval mode; Lightning keeps modules' modes, so switch dropout on for training
         self.model.train()
         if gradient_checkpointing:

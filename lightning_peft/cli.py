@@ -34,6 +34,7 @@ from lightning_peft.atomic import write_text
 from lightning_peft.io import ADAPTER_CONFIG, save_adapter
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.predict import AUTO_CLASSES, load_adapted_model
+from lightning_peft.quiet import silence_known_noise
 from lightning_peft.record import attached_methods, is_attached
 from lightning_peft.safe_load import refusing_pickles
 
@@ -211,6 +212,12 @@ def export_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _compare_main(argv: Sequence[str]) -> int:
+    from lightning_peft.compare import main as compare_main
+
+    return compare_main(argv)
+
+
 def _classify_main(argv: Sequence[str]) -> int:
     from lightning_peft.predict import main as classify_main
 
@@ -223,11 +230,13 @@ Besides the LightningCLI subcommands below (fit, validate, test, predict; PEFT i
 lightning_peft.PEFTCallback entry in trainer.callbacks):
   classify        classify texts with a saved adapter (lightning-peft classify --help)
   export-adapter  write an adapter-only .ckpt as an adapter folder (lightning-peft export-adapter --help)
+  compare         train several methods under one YAML recipe, side by side (lightning-peft compare --help)
 """
 
 EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "classify": _classify_main,
     "export-adapter": export_main,
+    "compare": _compare_main,
 }
 
 
@@ -236,6 +245,7 @@ def cli(args: Sequence[str] | None = None, **kwargs: Any) -> PEFTLightningCLI | 
     ``classify``/``export-adapter``)."""
     argv = list(sys.argv[1:] if args is None else args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    silence_known_noise()
     if argv and argv[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[argv[0]](argv[1:])
     if argv in ([], ["-h"], ["--help"]):

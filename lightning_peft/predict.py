@@ -105,19 +105,13 @@ def load_adapted_model(
 
 def _from_pretrained(task: str, path: str, kwargs: dict[str, Any]) -> nn.Module:
     import transformers
-    from transformers.utils import logging as hf_logging
+
+    from lightning_peft.quiet import quiet_model_loading
 
     auto_class = getattr(transformers, AUTO_CLASSES[task])
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     # a new head is reported "newly initialised" (the adapter brings it): not worth a warning here
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_model_loading():
         return auto_class.from_pretrained(path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def load_classifier(

@@ -100,15 +100,21 @@ class DoRALinear(LoRALinear):
             return result
         scale = (self.lora_magnitude_vector / self.weight_norm()).to(result.dtype)  # (out,)
         dropped = self.lora_dropout(x)  # (..., in)
-        lora = F.linear(F.linear(dropped.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling
-        lora = lora.to(result.dtype)  # (..., out)
+        lora = F.linear(F.linear(dropped.to(self.lora_A.dtype), self.lora_A), self.lora_B)  # (..., out)
+        lora = lora.to(result.dtype)
         if not self.training or isinstance(self.lora_dropout, nn.Identity):
+            # y = (m / n) ⊙ (W x + s·B A x) + b: three elementwise passes over (..., out) instead of six
+            # (the base matmul is reused; b is taken out and put back)
             bias = getattr(self.base_layer, "bias", None)
-            base = result - bias if bias is not None else result  # (..., out) = W x, reusing the base matmul
-        else:
-            weight = weight_as_out_in(self.base_layer)
-            base = F.linear(dropped.to(weight.dtype), weight).to(result.dtype)  # (..., out) = W x̃
-        return result + (scale - 1) * base + scale * lora
+            direction = torch.add(result if bias is None else result - bias, lora, alpha=self.scaling)
+            return (
+                direction * scale if bias is None else torch.addcmul(bias.to(result.dtype), direction, scale)
+            )
+        # training with dropout: the correction sees x̃ = dropout(x), the base path the clean x
+        weight = weight_as_out_in(self.base_layer)
+        base = F.linear(dropped.to(weight.dtype), weight).to(result.dtype)  # (..., out) = W x̃
+        direction = torch.add(base, lora, alpha=self.scaling)  # W x̃ + s·B A x̃
+        return result + torch.addcmul(-base, direction, scale)  # + (m/n − 1) ⊙ W x̃ + (m/n) ⊙ s·B A x̃
 
     def merge(self) -> None:
         weight = weight_as_out_in(self.base_layer)  # (out, in)

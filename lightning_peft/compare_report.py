@@ -1,0 +1,142 @@
+"""The outputs of ``lightning-peft compare``: one row per method (mean ± std over seeds) as Markdown and CSV,
+and two plots (validation accuracy against trainable parameters and against training time)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+MEASURES = (
+    "val_acc",
+    "test_acc",
+    "step_ms",
+    "train_seconds",
+    "peak_memory_mib",
+    "latency_unmerged_ms",
+    "latency_merged_ms",
+)
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for fewer than two values) of the values that exist."""
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    if not present:
+        return None, None
+    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
+
+
+def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method, in the order the methods first appear."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        by_method.setdefault(result["method"], []).append(result)
+    rows = []
+    for method, runs in by_method.items():
+        first = runs[0]
+        row: dict[str, Any] = {
+            "method": method,
+            "seeds": " ".join(str(r["seed"]) for r in runs),
+            "trainable": first["trainable"],
+            "trainable_pct": first["trainable_pct"],
+            "adapter_bytes": first["adapter_bytes"],
+            "adapter_is_full_model": first.get("adapter_is_full_model", False),
+            "lr": first["lr"],
+            "steps": first["steps"],
+        }
+        for measure in MEASURES:
+            row[f"{measure}_mean"], row[f"{measure}_std"] = mean_std([r.get(measure) for r in runs])
+        rows.append(row)
+    return rows
+
+
+def _pct(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def human_bytes(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    header = (
+        "| method | trainable params | trainable % | val acc | test acc | ms / step | train time (s) "
+        "| peak memory (MiB) | adapter size | inference unmerged (ms) | inference merged (ms) | seeds |"
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        size = human_bytes(r["adapter_bytes"]) + (" (whole model)" if r["adapter_is_full_model"] else "")
+        lines.append(
+            f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f}% "
+            f"| {_pct(r['val_acc_mean'], r['val_acc_std'])} | {_pct(r['test_acc_mean'], r['test_acc_std'])} "
+            f"| {_num(r['step_ms_mean'], '.0f')} | {_num(r['train_seconds_mean'], '.0f')} "
+            f"| {_num(r['peak_memory_mib_mean'], '.0f')} | {size} "
+            f"| {_num(r['latency_unmerged_ms_mean'], '.1f')} | {_num(r['latency_merged_ms_mean'], '.1f')} "
+            f"| {r['seeds']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    fields = list(rows[0]) if rows else ["method"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_plots(rows: Sequence[dict[str, Any]], output: Path) -> dict[str, Path]:
+    """Validation accuracy against trainable parameters (log x) and against training time; needs
+    matplotlib (the ``plots`` extra). Returns the files written (none without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install 'lightning-peft[plots]')")
+        return {}
+    written = {}
+    for name, key, label, log in (
+        ("accuracy_vs_params.png", "trainable", "trainable parameters", True),
+        ("accuracy_vs_time.png", "train_seconds_mean", "training time (s)", False),
+    ):
+        points = [r for r in rows if r["val_acc_mean"] is not None and r[key] is not None]
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for r in points:
+            y, err = 100 * r["val_acc_mean"], 100 * (r["val_acc_std"] or 0.0)
+            ax.errorbar(r[key], y, yerr=err or None, fmt="o", capsize=3)
+            ax.annotate(r["method"], (r[key], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(output / name)
+        plt.close(fig)
+        written[name] = output / name
+    return written
+
+
+def write_reports(results: Sequence[dict[str, Any]], output: Path) -> dict[str, Path]:
+    rows = aggregate(results)
+    (output / "results.md").write_text(markdown(rows))
+    write_csv(rows, output / "results.csv")
+    return {
+        "results.md": output / "results.md",
+        "results.csv": output / "results.csv",
+        **write_plots(rows, output),
+    }
