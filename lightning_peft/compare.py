@@ -85,7 +85,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--val-metric", default="val_acc", help="logged validation metric (default val_acc)")
     parser.add_argument("--test-metric", default="test_acc", help="logged test metric (default test_acc)")
     parser.add_argument("--latency-repeats", type=int, default=10, help="timed inference calls per variant")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one spec file
     args = parser.parse_args(list(argv))
     if args.worker is None:
         if not args.config:
@@ -189,10 +188,6 @@ def spec_hash(config: dict[str, Any]) -> str:
 # -- running -----------------------------------------------------------------------------------------
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    if args.worker:
-        from lightning_peft.compare_worker import run_worker
-
-        return run_worker(Path(args.worker))
     base = yaml.safe_load(Path(args.config).read_text())
     for key, value in args.set:
         apply_override(base, key, value)
@@ -232,7 +227,7 @@ def main(argv: Sequence[str]) -> int:
         spec_file.write_text(json.dumps(spec, indent=2))
         started = time.perf_counter()
         try:
-            command = [sys.executable, "-m", "lightning_peft.compare", "--worker", str(spec_file)]
+            command = [sys.executable, "-m", "lightning_peft.compare_worker", str(spec_file)]
             code = subprocess.call(command, env=WORKER_ENV | dict(os.environ))
         except KeyboardInterrupt:
             print(f"\ninterrupted: finished runs are kept in {runs}; run the same command to resume")

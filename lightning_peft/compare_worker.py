@@ -167,3 +167,7 @@ def run_worker(spec_file: Path) -> int:
 def _metric(metrics: dict[str, Any], name: str) -> float | None:
     value = metrics.get(name)
     return None if value is None else float(value)
+
+
+if __name__ == "__main__":  # one run of ``lightning-peft compare``, in a subprocess of its own
+    sys.exit(run_worker(Path(sys.argv[1])))
