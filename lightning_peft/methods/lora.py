@@ -30,6 +30,7 @@ from lightning_peft.methods.base import (
 )
 from lightning_peft.methods.peft_interop import lora_kwargs_from_peft_config, lora_peft_config
 from lightning_peft.methods.registry import register_method
+from lightning_peft.quantized import float_weight
 from lightning_peft.targeting import (
     ModuleTargets,
     conv1d_type,
@@ -70,8 +71,9 @@ def default_targets(model: nn.Module, table: dict[str, list[str]], method: str) 
 
 
 def weight_as_out_in(layer: nn.Module) -> torch.Tensor:
-    """The base weight as (out, in), whether it is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (stored (in, out))."""
-    return layer.weight if isinstance(layer, nn.Linear) else layer.weight.T
+    """The base weight as (out, in), whether it is an ``nn.Linear`` (dequantized when it is a bitsandbytes
+    4-bit/8-bit layer) or a GPT-2 ``Conv1D`` (stored (in, out))."""
+    return float_weight(layer) if isinstance(layer, nn.Linear) else layer.weight.T
 
 
 class LoRALinear(PEFTLayer):
