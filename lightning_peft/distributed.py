@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_peft.model import peft_layers, state_dict_key, trainable_parameter_names
+from lightning_peft.quantized import check_fsdp_quant_storage
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -106,6 +107,12 @@ def check_not_sharded(module: nn.Module) -> None:
             "layers in __init__ (PEFTCallback attaches in setup, before configure_model), or with PEFTMixin "
             "call self.apply_peft() in configure_model before fully_shard()."
         )
+
+
+def check_quantized_sharding(module: nn.Module, trainer: pl.Trainer | None) -> None:
+    """FSDP1/FSDP2 shard floating-point tensors only: refuse bitsandbytes weights stored as integers."""
+    if _strategy_kind(trainer) in ("fsdp", "model_parallel"):
+        check_fsdp_quant_storage(module)
 
 
 def check_saveable(module: nn.Module) -> None:

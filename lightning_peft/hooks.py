@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_peft.distributed import check_not_sharded
+from lightning_peft.distributed import check_not_sharded, check_quantized_sharding
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.model import ParameterCount, apply_peft, attached_methods, remove_peft
 
@@ -39,6 +39,7 @@ def attach(
             module.strict_loading = False  # attached by the user (e.g. in configure_model): same rule
         return None
     check_not_sharded(module)
+    check_quantized_sharding(module, trainer)
     counts = apply_peft(module, methods)
     mark_fresh(module, trainer)
     if isinstance(module, pl.LightningModule):

@@ -31,6 +31,7 @@ from lightning_peft.model import (
     state_dict_key,
     trainable_parameter_names,
 )
+from lightning_peft.quantized import quantization_state_keys
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -233,8 +234,9 @@ def prepare_checkpoint_load(module: nn.Module, checkpoint: dict[str, Any]) -> No
         apply_peft(module, methods)
     state = checkpoint["state_dict"]
     check_adapter_state(module, state, "checkpoint")
+    statistics = quantization_state_keys(module)  # bitsandbytes layers keep their own
     for key, value in module.state_dict().items():
-        if key not in state and not _is_dtensor(value):
+        if key not in state and key not in statistics and not _is_dtensor(value):
             state[key] = value
 
 

@@ -166,7 +166,7 @@ def remove_peft(model: nn.Module) -> nn.Module:
     with the parameters' original ``requires_grad`` flags (BitFit/modules_to_save changes stay)."""
     for name, layer in sorted(peft_layers(model), key=lambda item: -item[0].count(".")):
         if layer.merged:
-            with torch.no_grad():
+            with torch.no_grad(), quantized_merge(layer, merge=False):
                 layer.unmerge()
         replace_module(model, name, layer.unload())
     _restore_flags(model)

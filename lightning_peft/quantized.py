@@ -72,6 +72,20 @@ def parameter_numel(param: torch.Tensor) -> int:
     return param.numel()
 
 
+def quantization_state_keys(model: nn.Module) -> set[str]:
+    """``state_dict()`` keys that hold quantisation statistics rather than parameters (``...weight.absmax``,
+    ``...weight.quant_state.bitsandbytes__nf4``, ``...SCB``, ``...weight_format``). A layer keeps its own; loading
+    them back is neither needed nor always possible (an 8-bit layer that has run refuses its ``SCB``)."""
+    keys: set[str] = set()
+    for name, module in quantized_modules(model):
+        own = {n for n, _ in module.named_parameters(recurse=False)} | {
+            n for n, _ in module.named_buffers(recurse=False)
+        }
+        prefix = f"{name}." if name else ""
+        keys |= {prefix + k for k in module.state_dict() if k not in own}
+    return keys
+
+
 # -- reading and writing the weight ------------------------------------------------------------------------
 def _standard_layout(module: nn.Module) -> None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place at the first inference forward

@@ -1,0 +1,89 @@
+"""Tiny BERT bases loaded in 4-bit and 8-bit by transformers' BitsAndBytesConfig (bitsandbytes runs on CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: BitsAndBytesConfig arguments per quantisation; the new head stays in full precision
+QUANTIZATIONS: dict[str, dict[str, Any]] = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
+    "int8": {"load_in_8bit": True},
+}
+#: hidden 64 (not the other tests' 32): every weight then fills whole 64-value bitsandbytes blocks
+HIDDEN = 64
+
+
+def bnb_config(kind: str, **overrides: Any) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    kwargs = dict(QUANTIZATIONS[kind], llm_int8_skip_modules=["classifier"])
+    if kwargs.get("load_in_4bit"):
+        kwargs["bnb_4bit_compute_dtype"] = torch.float32
+    kwargs.update(overrides)
+    return BitsAndBytesConfig(**kwargs)
+
+
+def save_tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer BERT (hidden 64) with a 2-label head and random biases, saved with ``save_pretrained``."""
+    from helpers import VOCAB
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * HIDDEN,
+        max_position_embeddings=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def load_bert(folder: Path | str, kind: str | None, **overrides: Any) -> nn.Module:
+    """The saved tiny BERT, quantized as ``kind`` (``None``: full precision), in eval mode on the CPU."""
+    from transformers import BertForSequenceClassification
+
+    if kind is None:
+        return BertForSequenceClassification.from_pretrained(folder).eval()
+    config = bnb_config(kind, **overrides)
+    return BertForSequenceClassification.from_pretrained(
+        folder, quantization_config=config, device_map="cpu"
+    ).eval()
+
+
+def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The quantized tensors of every quantized layer (packed weight and statistics; biases are plain floats that
+    BitFit trains), keyed by layer and name."""
+    from lightning_peft.quantized import quantized_modules
+
+    found: dict[str, torch.Tensor] = {}
+    for name, module in quantized_modules(model):
+        clean = name.replace(".base_layer", "")
+        found.update(
+            {f"{clean}.{k}": v.detach().clone() for k, v in module.state_dict().items() if k != "bias"}
+        )
+    assert found, "the model holds no quantized layer"
+    return found
+
+
+def assert_bit_identical(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    assert set(before) == set(after)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"quantized tensors changed: {changed[:5]}"
