@@ -169,6 +169,31 @@ class TextClassificationDataModule(pl.LightningDataModule):
         return self._loader("test")
 
 
+#: ``SequenceClassifier(quantization=...)``: transformers ``BitsAndBytesConfig`` arguments per name
+QUANTIZATIONS: dict[str, dict[str, Any]] = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
+    "int8": {"load_in_8bit": True},
+}
+
+
+def quantization_kwargs(quantization: str | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments loading the base with bitsandbytes (the new head stays in float32)."""
+    if quantization is None:
+        return {}
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None or one of {sorted(QUANTIZATIONS)}, got {quantization!r}")
+    from transformers import BitsAndBytesConfig
+
+    settings: dict[str, Any] = dict(QUANTIZATIONS[quantization], llm_int8_skip_modules=["classifier"])
+    if settings.get("load_in_4bit"):
+        settings["bnb_4bit_compute_dtype"] = torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": BitsAndBytesConfig(**settings), "device_map": device}
+
+
 class SequenceClassifier(pl.LightningModule):
     """Any ``AutoModelForSequenceClassification`` with accuracy and F1 (torchmetrics).
 
@@ -183,6 +208,9 @@ class SequenceClassifier(pl.LightningModule):
         gradient_checkpointing: recompute each layer's activations in the backward pass instead of keeping
             them (transformers' non-reentrant gradient checkpointing): less memory, about one more forward
             pass of compute. Works with every PEFT method.
+        quantization: load the base's linear layers with bitsandbytes (needs ``lightning-peft[qlora]``):
+            ``"nf4"``, ``"nf4-dq"`` (with double quantization), ``"fp4"``, ``"fp4-dq"`` or ``"int8"``; the new
+            classifier head stays in float32. ``None`` (default): full precision.
     """
 
     def __init__(
@@ -194,6 +222,7 @@ class SequenceClassifier(pl.LightningModule):
         warmup_ratio: float = 0.0,
         labels: list[str] | None = None,
         gradient_checkpointing: bool = False,
+        quantization: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -205,7 +234,10 @@ class SequenceClassifier(pl.LightningModule):
                 raise ValueError(f"labels must name num_labels={num_labels} classes, got {labels!r}")
             names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model_path(model_name_or_path), num_labels=num_labels, **names
+            resolve_model_path(model_name_or_path),
+            num_labels=num_labels,
+            **names,
+            **quantization_kwargs(quantization),
         )
         # from_pretrained returns eval mode; Lightning keeps modules' modes, so switch dropout on for training
         self.model.train()
