@@ -12,6 +12,7 @@ from torch import nn
 from lightning_peft.distributed import check_not_sharded, check_quantized_sharding
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.model import ParameterCount, apply_peft, attached_methods, remove_peft
+from lightning_peft.quantized import keep_adapter_unquantized
 
 #: set on a module whose adapter was created by ``setup`` of a validate/test/predict run (not trained)
 _FRESH = "_lightning_peft_fresh"
@@ -37,10 +38,12 @@ def attach(
             )
         if isinstance(module, pl.LightningModule):
             module.strict_loading = False  # attached by the user (e.g. in configure_model): same rule
+        keep_adapter_unquantized(module, getattr(trainer, "precision_plugin", None))
         return None
     check_not_sharded(module)
     check_quantized_sharding(module, trainer)
     counts = apply_peft(module, methods)
+    keep_adapter_unquantized(module, getattr(trainer, "precision_plugin", None))  # BitsandbytesPrecision
     mark_fresh(module, trainer)
     if isinstance(module, pl.LightningModule):
         # the checkpoints we write omit the frozen weights; the module's own hook checks the adapter's

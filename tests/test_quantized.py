@@ -47,6 +47,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from lightning_peft.quantized import (  # noqa: E402
     check_fsdp_quant_storage,
     dequantized_weight,
+    keep_adapter_unquantized,
     merge_error_bound,
     quantization_of,
     quantized_modules,
@@ -303,3 +304,33 @@ def test_fsdp_refuses_integer_quant_storage(bert_dir: Path) -> None:
     assert count_parameters(floating).total == count_parameters(load_bert(bert_dir, None)).total
     apply_peft(floating, LoRA(r=4))
     train_steps(floating)
+
+
+def test_bitsandbytes_precision_plugin_converts_only_the_frozen_base_layers(bert_dir: Path) -> None:
+    """Lightning's BitsandbytesPrecision replaces nn.Linear layers at strategy setup (it quantizes them only on
+    CUDA: tests/gpu/test_qlora_gpu.py trains through it); the adapter's own layers and the head must stay."""
+    from lightning.pytorch.plugins import BitsandbytesPrecision
+
+    plugin = BitsandbytesPrecision("nf4-dq", ignore_modules={"bert.pooler"})
+    model = load_bert(bert_dir, None)
+    lora_and_adapter = [
+        LoRA(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]),
+        Adapter(placement="pfeiffer", bottleneck_size=8),
+    ]
+    apply_peft(model, lora_and_adapter)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ignored = keep_adapter_unquantized(model, plugin)
+    assert "classifier" in ignored and any(n.endswith("adapter_down") for n in ignored)
+    assert "bert.pooler" in plugin.ignore_modules  # the user's own entries stay
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    plugin.convert_module(model)
+    converted = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert converted == linears - set(ignored) - {"bert.pooler.dense"}
+    assert {n for n in converted if n.endswith(("query.base_layer", "layer.1.output.dense.base_layer"))}
+    kept = {
+        n: m for n, m in model.named_modules() if n.endswith(("adapter_up", "adapter_down", "classifier"))
+    }
+    assert len(kept) == 5 and all(type(m) is torch.nn.Linear for m in kept.values())
+    after = dict(model.named_parameters())
+    assert all(after[n] is p and p.requires_grad for n, p in trainable.items())
+    assert keep_adapter_unquantized(model, object()) == []  # any other plugin: nothing to do

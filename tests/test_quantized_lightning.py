@@ -20,8 +20,8 @@ from quantized_helpers import assert_bit_identical, load_bert, quantized_tensors
 from lightning_peft import (
     LoRA,
     PEFTCallback,
-    PEFTMixin,
     PEFTMethod,
+    PEFTMixin,
     load_peft_checkpoint,
     trainable_parameter_names,
 )
@@ -70,11 +70,15 @@ def adapter(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind", ["nf4-dq", "int8"])
-def test_callback_adapter_only_checkpoints_and_exact_resume(tmp_path: Path, bert_dir: Path, kind: str) -> None:
+def test_callback_adapter_only_checkpoints_and_exact_resume(
+    tmp_path: Path, bert_dir: Path, kind: str
+) -> None:
     straight = QuantizedClassifier(str(bert_dir), kind)
     frozen = quantized_tensors(straight)
     torch.manual_seed(0)  # LoRA's A is drawn when the callback attaches
-    fast_trainer(tmp_path / "a", max_epochs=2, callbacks=[PEFTCallback(lora())]).fit(straight, hf_loader("bert"))
+    fast_trainer(tmp_path / "a", max_epochs=2, callbacks=[PEFTCallback(lora())]).fit(
+        straight, hf_loader("bert")
+    )
     assert_bit_identical(frozen, quantized_tensors(straight))
 
     first = QuantizedClassifier(str(bert_dir), kind)
