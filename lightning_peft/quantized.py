@@ -317,17 +317,22 @@ def keep_adapter_unquantized(model: nn.Module, plugin: Any) -> list[str]:
 
 # -- FSDP ---------------------------------------------------------------------------------------------------
 def check_fsdp_quant_storage(model: nn.Module) -> None:
-    """FSDP shards floating-point tensors only: refuse 4-bit weights stored as integers."""
+    """FSDP shards a 4-bit base only when its packed weights are stored in a floating-point dtype
+    (``bnb_4bit_quant_storage``): refuse integer storage and 8-bit layers before anything is sharded.
+
+    Raises ``TypeError`` (not ``ValueError``, which PEFTCallback takes to mean "the layers are not built yet").
+    """
     for name, module in quantized_modules(model):
         if quantization_of(module) == "8bit":
-            raise ValueError(
+            raise TypeError(
                 f"{name!r} is an 8-bit bitsandbytes layer ({type(module).__name__}), which FSDP cannot shard; "
                 "load the base in 4-bit with a floating-point bnb_4bit_quant_storage instead"
             )
         storage = module.weight.dtype
         if not storage.is_floating_point:
-            raise ValueError(
+            raise TypeError(
                 f"FSDP cannot shard the 4-bit weight of {name!r}: it is stored as {storage}. Load the base with "
                 "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=torch.bfloat16) (the dtype of the "
-                "model's other weights), so that the packed weights are floating-point tensors FSDP can flatten"
+                "model's other weights), so that FSDP shards and gathers the packed weights like any other "
+                "floating-point parameter"
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
@@ -87,3 +88,26 @@ def assert_bit_identical(before: dict[str, torch.Tensor], after: dict[str, torch
     assert set(before) == set(after)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"quantized tensors changed: {changed[:5]}"
+
+
+class ShardedQLoRA(pl.LightningModule):
+    """A 4-bit base with a float32 quant storage, sharded with FSDP2's ``fully_shard`` per block."""
+
+    def __init__(self, folder: str, storage: str = "float32") -> None:
+        super().__init__()
+        self.model = load_bert(folder, "nf4", bnb_4bit_quant_storage=getattr(torch, storage))
+        self.model.train()
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.bert.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)

@@ -295,9 +295,9 @@ def test_cpu_packed_layout_is_read_in_the_standard_layout(bert_dir: Path) -> Non
 
 
 def test_fsdp_refuses_integer_quant_storage(bert_dir: Path) -> None:
-    with pytest.raises(ValueError, match=r"stored as torch.uint8.*bnb_4bit_quant_storage=torch.bfloat16"):
+    with pytest.raises(TypeError, match=r"stored as torch.uint8.*bnb_4bit_quant_storage=torch.bfloat16"):
         check_fsdp_quant_storage(load_bert(bert_dir, "nf4"))
-    with pytest.raises(ValueError, match="8-bit bitsandbytes layer"):
+    with pytest.raises(TypeError, match="8-bit bitsandbytes layer"):
         check_fsdp_quant_storage(load_bert(bert_dir, "int8"))
     floating = load_bert(bert_dir, "nf4", bnb_4bit_quant_storage=torch.float32)
     check_fsdp_quant_storage(floating)  # a floating-point storage can be sharded

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import fast_trainer, hf_loader, model_output, tiny_batch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from quantized_helpers import assert_bit_identical, load_bert, quantized_tensors, save_tiny_bert
+from quantized_helpers import ShardedQLoRA, assert_bit_identical, load_bert, quantized_tensors, save_tiny_bert
 
 from lightning_peft import (
     LoRA,
@@ -123,6 +123,31 @@ def test_mixin_trains_saves_and_loads_from_checkpoint(tmp_path: Path, bert_dir: 
     loaded.eval()
     assert torch.equal(model_output(loaded.model, batch), model_output(module.model, batch))
     assert_bit_identical(frozen, quantized_tensors(loaded))
+
+
+@pytest.mark.parametrize("storage", ["float32", "uint8"])
+def test_fsdp2_needs_a_floating_point_quant_storage(tmp_path: Path, bert_dir: Path, storage: str) -> None:
+    """FSDP2 (fully_shard in configure_model, ModelParallelStrategy) in one CPU process: a 4-bit base stored as
+    float32 is sharded and trains; uint8 storage is refused before anything is sharded."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    module = ShardedQLoRA(str(bert_dir), storage)
+    method = LoRA(r=4, target_modules=["query", "value"])
+    trainer = fast_trainer(
+        tmp_path,
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        callbacks=[PEFTCallback(method)],
+        deterministic=False,
+    )
+    if storage == "uint8":
+        with pytest.raises(TypeError, match=r"stored as torch.uint8.*bnb_4bit_quant_storage"):
+            trainer.fit(module, hf_loader("bert"))
+        assert not any(type(p).__name__ == "DTensor" for p in module.parameters())
+        return
+    trainer.fit(module, hf_loader("bert"))
+    query = module.model.bert.encoder.layer[0].attention.self.query
+    assert type(query.lora_A).__name__ == "DTensor"  # the adapter is sharded with the model
+    assert float(query.lora_B.detach().full_tensor().abs().sum()) > 0  # B starts at zero: it trained
 
 
 @pytest.mark.slow
