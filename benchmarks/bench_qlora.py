@@ -29,6 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+import accuracy_sst2  # noqa: E402
 import common  # noqa: E402
 import torch  # noqa: E402
 from bench_memory import SavedTensorCounter, _reset_peak, _status_kib  # noqa: E402
@@ -169,15 +170,9 @@ def bench_step(args: argparse.Namespace) -> str:
 
 # -- SST-2 accuracy ----------------------------------------------------------------------------------------
 def evaluate(model: nn.Module, loader: Any) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for batch in loader:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            total += len(batch["labels"])
+    accuracy = accuracy_sst2.evaluate(model, loader)  # in eval mode
     model.train()
-    return correct / total
+    return accuracy
 
 
 def merge_figures(model: nn.Module, loader: Any) -> str:

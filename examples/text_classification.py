@@ -179,19 +179,24 @@ QUANTIZATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def quantization_kwargs(quantization: str | None) -> dict[str, Any]:
-    """``from_pretrained`` arguments loading the base with bitsandbytes (the new head stays in float32)."""
+def quantization_kwargs(
+    quantization: str | None, device_map: str | None = None, **settings: Any
+) -> dict[str, Any]:
+    """``from_pretrained`` arguments loading the base with bitsandbytes (the new head stays in float32) on
+    ``device_map`` (default: the GPU if there is one, else the CPU); ``settings`` override
+    ``BitsAndBytesConfig`` arguments."""
     if quantization is None:
         return {}
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be None or one of {sorted(QUANTIZATIONS)}, got {quantization!r}")
     from transformers import BitsAndBytesConfig
 
-    settings: dict[str, Any] = dict(QUANTIZATIONS[quantization], llm_int8_skip_modules=["classifier"])
-    if settings.get("load_in_4bit"):
-        settings["bnb_4bit_compute_dtype"] = torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {"quantization_config": BitsAndBytesConfig(**settings), "device_map": device}
+    config: dict[str, Any] = dict(QUANTIZATIONS[quantization], llm_int8_skip_modules=["classifier"])
+    if config.get("load_in_4bit"):
+        config["bnb_4bit_compute_dtype"] = torch.float32
+    config.update(settings)
+    device = device_map or ("cuda" if torch.cuda.is_available() else "cpu")
+    return {"quantization_config": BitsAndBytesConfig(**config), "device_map": device}
 
 
 class SequenceClassifier(pl.LightningModule):

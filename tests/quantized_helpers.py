@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,26 +10,11 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-#: BitsAndBytesConfig arguments per quantisation; the new head stays in full precision
-QUANTIZATIONS: dict[str, dict[str, Any]] = {
-    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
-    "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
-    "fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
-    "int8": {"load_in_8bit": True},
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from text_classification import QUANTIZATIONS, quantization_kwargs  # noqa: E402, F401 (re-exported)
+
 #: hidden 64 (not the other tests' 32): every weight then fills whole 64-value bitsandbytes blocks
 HIDDEN = 64
-
-
-def bnb_config(kind: str, **overrides: Any) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    kwargs = dict(QUANTIZATIONS[kind], llm_int8_skip_modules=["classifier"])
-    if kwargs.get("load_in_4bit"):
-        kwargs["bnb_4bit_compute_dtype"] = torch.float32
-    kwargs.update(overrides)
-    return BitsAndBytesConfig(**kwargs)
 
 
 def save_tiny_bert(folder: Path, seed: int = 0) -> Path:
@@ -61,12 +47,8 @@ def load_bert(folder: Path | str, kind: str | None, **overrides: Any) -> nn.Modu
     """The saved tiny BERT, quantized as ``kind`` (``None``: full precision), in eval mode on the CPU."""
     from transformers import BertForSequenceClassification
 
-    if kind is None:
-        return BertForSequenceClassification.from_pretrained(folder).eval()
-    config = bnb_config(kind, **overrides)
-    return BertForSequenceClassification.from_pretrained(
-        folder, quantization_config=config, device_map="cpu"
-    ).eval()
+    kwargs = quantization_kwargs(kind, device_map="cpu", **overrides)
+    return BertForSequenceClassification.from_pretrained(folder, **kwargs).eval()
 
 
 def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

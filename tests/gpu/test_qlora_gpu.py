@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +36,13 @@ class AdapterAtStart(pl.Callback):
         self.values = {n: params[n].detach().clone() for n in trainable_parameter_names(pl_module)}
 
 
+def gpu_trainer(**kwargs: Any) -> pl.Trainer:
+    settings: dict[str, Any] = dict(
+        accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False
+    )
+    return pl.Trainer(**{**settings, "enable_progress_bar": False, **kwargs})
+
+
 def test_bitsandbytes_precision_plugin_quantizes_the_base_and_trains_the_adapter(tmp_path: Path) -> None:
     from lightning.pytorch.plugins import BitsandbytesPrecision
 
@@ -46,14 +54,9 @@ def test_bitsandbytes_precision_plugin_quantizes_the_base_and_trains_the_adapter
         Adapter(placement="pfeiffer", bottleneck_size=8),
     ]
     start = AdapterAtStart()
-    trainer = pl.Trainer(
-        accelerator="gpu",
-        devices=1,
+    trainer = gpu_trainer(
         plugins=BitsandbytesPrecision("nf4-dq", dtype=torch.float32),
         max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
         callbacks=[PEFTCallback(methods), start],
     )
     trainer.fit(module, hf_loader("bert"))
@@ -71,42 +74,20 @@ def test_bitsandbytes_precision_plugin_quantizes_the_base_and_trains_the_adapter
     assert set(state) == set(trainable_parameter_names(module))
 
 
-def test_fsdp2_shards_a_4bit_base_with_float_storage(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["float32", "uint8"])
+def test_fsdp2_over_a_4bit_base_needs_a_floating_point_storage(tmp_path: Path, storage: str) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    folder = str(save_tiny_bert(tmp_path / "bert"))
-    module = ShardedQLoRA(folder)
-    start = AdapterAtStart()
-    trainer = pl.Trainer(
-        accelerator="gpu",
-        devices=1,
+    module = ShardedQLoRA(str(save_tiny_bert(tmp_path / "bert")), storage)
+    trainer = gpu_trainer(
         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[PEFTCallback(LoRA(r=4, target_modules=["query", "value"])), start],
-    )
-    trainer.fit(module, hf_loader("bert"))
-    params = dict(module.named_parameters())
-    changed = [
-        n for n, v in start.values.items() if not torch.equal(params[n].detach().full_tensor().cpu(), v.cpu())
-    ]
-    assert changed
-
-
-def test_fsdp2_refuses_uint8_quant_storage(tmp_path: Path) -> None:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    folder = str(save_tiny_bert(tmp_path / "bert"))
-    trainer = pl.Trainer(
-        accelerator="gpu",
-        devices=1,
-        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
         callbacks=[PEFTCallback(LoRA(r=4, target_modules=["query", "value"]))],
     )
-    with pytest.raises(TypeError, match="bnb_4bit_quant_storage"):
-        trainer.fit(ShardedQLoRA(folder, storage="uint8"), hf_loader("bert"))
+    if storage == "uint8":
+        with pytest.raises(TypeError, match="bnb_4bit_quant_storage"):
+            trainer.fit(module, hf_loader("bert"))
+        return
+    trainer.fit(module, hf_loader("bert"))
+    query = module.model.bert.encoder.layer[0].attention.self.query
+    assert type(query.lora_A).__name__ == "DTensor"
+    assert float(query.lora_B.detach().full_tensor().abs().sum()) > 0  # B starts at zero: it trained
