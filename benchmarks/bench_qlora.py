@@ -146,9 +146,8 @@ def bench_step(args: argparse.Namespace) -> str:
         counted = weights + grads + variant.optimizer_bytes() + variant.saved
         rows[name] = {"weights": weights, "counted": counted, "peak": peak, "saved": variant.saved}
         rows[name]["total"] = variant.counts.total
-    times = common.interleaved(
-        {n: v.step for n, v in variants.items()}, args.repeats, warmup=1, progress=False
-    )
+    timed = {n: v.step for n, v in variants.items() if n in args.time}
+    times = common.interleaved(timed, args.repeats, warmup=1, progress=False)
     base = times["full"]
     lines = [
         f"LoRA r8 q,v + head, batch {args.batch} × {args.seq}, {args.threads} threads, {args.repeats} rounds",
@@ -159,11 +158,14 @@ def bench_step(args: argparse.Namespace) -> str:
     ]
     full = rows["full"]
     for name, r in rows.items():
-        wall = statistics.median(times[name].wall)
+        timing = "not timed | "
+        if name in times:
+            wall = statistics.median(times[name].wall)
+            timing = f"{1000 * wall:.0f} | {common.paired(times[name].wall, base.wall):.2f}×"
         lines.append(
             f"| {name} | {r['total']:,} | {r['weights'] / MiB:.1f} | {r['weights'] / full['weights']:.2f}× "
             f"| {r['saved'] / MiB:.0f} | {r['counted'] / MiB:.0f} | {r['counted'] / full['counted']:.2f}× "
-            f"| {r['peak'] / MiB:.0f} | {1000 * wall:.0f} | {common.paired(times[name].wall, base.wall):.2f}× |"
+            f"| {r['peak'] / MiB:.0f} | {timing} |"
         )
     return "\n".join(lines)
 
@@ -266,6 +268,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument(
+        "--time",
+        nargs="+",
+        default=["full", "nf4", "nf4-dq"],
+        choices=list(BASES),
+        help="bases whose step is timed (bfloat16 matmuls are very slow on CPUs without AMX/AVX512-BF16)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--epochs", type=int, default=2)
@@ -280,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         args.bases = args.bases or list(BASES)
         if "full" not in args.bases:
             args.bases.insert(0, "full")
+        args.time = ["full", *(b for b in args.time if b in args.bases and b != "full")]
         print(bench_step(args), flush=True)
     if args.accuracy:
         args.bases = args.bases or ["full", "nf4"]
