@@ -1,7 +1,16 @@
 """lightning-peft: parameter-efficient fine-tuning for PyTorch Lightning."""
 
+from lightning_peft.adapters import (
+    active_adapters,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    set_adapter,
+)
 from lightning_peft.callback import PEFTCallback
 from lightning_peft.io import load_adapter, load_peft_checkpoint, save_adapter
+from lightning_peft.lifecycle import PEFTLifecycle
 from lightning_peft.methods import (
     IA3,
     Adapter,
@@ -37,14 +46,20 @@ __all__ = [
     "LoRA",
     "PEFTCallback",
     "PEFTLayer",
+    "PEFTLifecycle",
     "PEFTMethod",
     "PEFTMixin",
     "PrefixTuning",
     "PromptTuning",
+    "active_adapters",
+    "add_adapter",
     "adapter_state_dict",
     "apply_peft",
     "available_methods",
     "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
+    "list_adapters",
     "load_adapter",
     "load_peft_checkpoint",
     "merge_adapter",
@@ -52,6 +67,7 @@ __all__ = [
     "register_method",
     "remove_peft",
     "save_adapter",
+    "set_adapter",
     "trainable_parameter_names",
     "unmerge_adapter",
 ]

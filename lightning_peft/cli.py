@@ -32,7 +32,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_peft.io import ADAPTER_CONFIG, save_adapter
 from lightning_peft.methods import PEFTMethod
-from lightning_peft.model import attached_methods, is_attached
+from lightning_peft.predict import AUTO_CLASSES, load_adapted_model
+from lightning_peft.record import attached_methods, is_attached
 
 
 def _configure_jsonargparse() -> None:
@@ -79,9 +80,12 @@ class PEFTLightningCLI(LightningCLI):
         return folder
 
     def after_fit(self) -> None:
-        if not is_attached(self.model) or not self.trainer.is_global_zero:
+        if not is_attached(self.model):
             return
+        # every rank: under FSDP2 save_adapter gathers the sharded tensors (a collective); rank 0 writes
         folder = save_adapter(self.model, self._log_dir() / "adapter")
+        if not self.trainer.is_global_zero:
+            return
         hparams = getattr(self.model, "hparams", {})
         record_metadata(folder, hparams.get("model_name_or_path"), label_names(self.model))
         rank_zero_info(f"lightning-peft: adapter saved to {folder}")
@@ -153,7 +157,8 @@ def export_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lightning-peft export-adapter",
         description="Write the adapter held in an adapter-only Lightning checkpoint (.ckpt) as an adapter "
-        "folder (adapter_model.safetensors + adapter_config.json, HF PEFT's layout).",
+        "folder (adapter_model.safetensors + adapter_config.json, HF PEFT's layout). The base model is rebuilt "
+        "from what the checkpoint records (its name or path and its task: classifier, causal LM, ...).",
     )
     parser.add_argument("checkpoint", help="a .ckpt written while training with PEFTCallback/PEFTMixin")
     parser.add_argument("output", help="folder to write")
@@ -161,11 +166,17 @@ def export_main(argv: Sequence[str]) -> int:
         "--model", default=None, help="base model (default: the checkpoint's model_name_or_path)"
     )
     parser.add_argument("--num-labels", type=int, default=None, help="default: from the checkpoint")
+    parser.add_argument(
+        "--task",
+        default=None,
+        choices=sorted(AUTO_CLASSES),
+        help="HF PEFT task type of the base model (default: the one recorded in the checkpoint)",
+    )
     args = parser.parse_args(list(argv))
-    from lightning_peft.predict import load_classifier
-
     try:
-        model, info = load_classifier(args.checkpoint, base_model=args.model, num_labels=args.num_labels)
+        model, info = load_adapted_model(
+            args.checkpoint, base_model=args.model, num_labels=args.num_labels, task_type=args.task
+        )
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     folder = save_adapter(model, args.output)

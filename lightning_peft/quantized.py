@@ -44,7 +44,8 @@ def quantization_of(module: nn.Module) -> str | None:
     bnb = _bnb()
     if bnb is None:
         return None
-    weight = getattr(module, "weight", None)
+    # the module's own parameter: adapter layers forward ``.weight`` to the layer they wrap
+    weight = module.__dict__.get("_parameters", {}).get("weight")
     if isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None:
         return "4bit"
     if isinstance(weight, bnb.nn.Int8Params) and weight.dtype == torch.int8:
@@ -232,8 +233,10 @@ def quantized_merge(layer: nn.Module, merge: bool) -> Iterator[None]:
     """Around a PEFT layer's ``merge()`` / ``unmerge()``: when its base layer is quantized, run the method's
     arithmetic on the dequantized weight, then quantize the merged weight again (``merge``, with a warning that
     reports the rounding error) or put the original packed tensors back bit for bit (``unmerge``)."""
-    base = getattr(layer, "base_layer", None)
-    if base is None or not is_quantized(base):
+    from lightning_peft.targeting import innermost
+
+    base = innermost(layer)  # below the adapter layers of other named adapters too
+    if base is layer or not is_quantized(base):
         yield
         return
     if merge:

@@ -105,6 +105,31 @@ def candidate_names(
     return seen
 
 
+def innermost(module: nn.Module) -> nn.Module:
+    """The module an adapter layer (or a stack of them, one per named adapter) wraps; ``module`` otherwise."""
+    while getattr(module, "is_peft_layer", False) and "base_layer" in module._modules:
+        module = module._modules["base_layer"]  # type: ignore[assignment]
+    return module
+
+
+def inside_adapter_layers(model: nn.Module) -> set[str]:
+    """Names of the modules below an adapter layer: what another adapter must not target on its own."""
+    layers = [n for n, m in model.named_modules() if getattr(m, "is_peft_layer", False)]
+    return {n for n, _ in model.named_modules() if any(n.startswith(f"{p}.") for p in layers if p)}
+
+
+def wrap_target(model: nn.Module, name: str, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Replace the module ``name`` by ``make(module)``. When an adapter already wraps it (another named
+    adapter), the new layer is built for the innermost module and then wraps the existing adapter, so that
+    it computes its update on the layer's input and adds it to everything below."""
+    current = model.get_submodule(name)
+    layer = make(innermost(current))
+    if current is not innermost(current):
+        layer.base_layer = current
+    replace_module(model, name, layer)
+    return layer
+
+
 def find_targets(
     model: nn.Module,
     target_modules: Sequence[str] | str,
@@ -122,11 +147,12 @@ def find_targets(
     """
     if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
         heads = output_head_names(model)
-        names = [n for n, m in model.named_modules() if n and is_linear_like(m) and n not in heads]
+        names = [n for n, m in model.named_modules() if n and is_linear_like(innermost(m)) and n not in heads]
     else:
         names = [n for n, _ in model.named_modules() if n and matches_any(n, target_modules)]
-    names = [n for n in names if not matches_any(n, exclude_modules)]
-    modules = dict(model.named_modules())
+    hidden = inside_adapter_layers(model)
+    names = [n for n in names if n not in hidden and not matches_any(n, exclude_modules)]
+    modules = {n: innermost(m) for n, m in model.named_modules()}
     if skip is not None:
         names = [n for n in names if not skip(n, modules[n])]
     if not names:

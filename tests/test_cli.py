@@ -197,7 +197,7 @@ def test_cli_optimizer_and_scheduler_train_the_adapter_only(tmp_path: Path) -> N
     scheduler.write_text(
         "lr_scheduler:\n  class_path: torch.optim.lr_scheduler.StepLR\n  init_args: {step_size: 1, gamma: 0.5}\n"
     )
-    extra = ["--optimizer", "AdamW", "--optimizer.lr", "0.01", "--config", str(scheduler)]
+    extra = ["--optimizer", "torch.optim.AdamW", "--optimizer.lr", "0.01", "--config", str(scheduler)]
     fitted = run("fit", "--config", config, *short(tmp_path, *extra))
     model = fitted.model
     optimizer = fitted.trainer.optimizers[0]

@@ -130,10 +130,11 @@ def test_every_page_is_in_the_nav() -> None:
 
 def test_documented_default_targets() -> None:
     # the default-target tables of docs/methods/{lora,ia3,adapters}.md; update them when this fails
-    from lightning_peft.methods import adapter, ia3, lora
+    from lightning_peft import hf_targets
+    from lightning_peft.methods import adapter
 
     llama_like = ("llama", "mistral", "qwen2")
-    assert lora.DEFAULT_TARGETS == {
+    assert hf_targets.LORA_TARGETS == {
         "bert": ["query", "value"],
         "roberta": ["query", "value"],
         "distilbert": ["q_lin", "v_lin"],
@@ -141,16 +142,16 @@ def test_documented_default_targets() -> None:
         **{name: ["q_proj", "v_proj"] for name in llama_like},
     }
     assert (
-        set(ia3.DEFAULT_TARGETS)
-        == set(ia3.DEFAULT_FEEDFORWARD)
+        set(hf_targets.IA3_TARGETS)
+        == set(hf_targets.IA3_FEEDFORWARD)
         == {"bert", "roberta", "distilbert", "gpt2", *llama_like}
     )
-    assert ia3.DEFAULT_TARGETS["bert"][:2] == ["key", "value"]
-    assert ia3.DEFAULT_TARGETS["distilbert"] == ["k_lin", "v_lin", "ffn.lin2"]
-    assert ia3.DEFAULT_TARGETS["gpt2"] == ["c_attn", "mlp.c_proj"]
-    assert ia3.DEFAULT_FEEDFORWARD["gpt2"] == ["mlp.c_proj"]
-    assert all(ia3.DEFAULT_TARGETS[name] == ["k_proj", "v_proj", "down_proj"] for name in llama_like)
-    assert set(adapter.DEFAULT_TARGETS) == {
+    assert hf_targets.IA3_TARGETS["bert"][:2] == ["key", "value"]
+    assert hf_targets.IA3_TARGETS["distilbert"] == ["k_lin", "v_lin", "ffn.lin2"]
+    assert hf_targets.IA3_TARGETS["gpt2"] == ["c_attn", "mlp.c_proj"]
+    assert hf_targets.IA3_FEEDFORWARD["gpt2"] == ["mlp.c_proj"]
+    assert all(hf_targets.IA3_TARGETS[name] == ["k_proj", "v_proj", "down_proj"] for name in llama_like)
+    assert set(hf_targets.ADAPTER_PLACEMENT) == {
         "bert",
         "roberta",
         "xlm-roberta",
@@ -159,9 +160,10 @@ def test_documented_default_targets() -> None:
         "gpt2",
         *llama_like,
     }
-    assert tuple(adapter.DEFAULT_TARGETS["gpt2"]) == ("attn.c_proj", "mlp.c_proj")
+    assert tuple(hf_targets.ADAPTER_PLACEMENT["gpt2"]) == ("attn.c_proj", "mlp.c_proj")
     assert all(
-        tuple(adapter.DEFAULT_TARGETS[name]) == ("self_attn.o_proj", "mlp.down_proj") for name in llama_like
+        tuple(hf_targets.ADAPTER_PLACEMENT[name]) == ("self_attn.o_proj", "mlp.down_proj")
+        for name in llama_like
     )
     assert adapter.DEFAULT_REDUCTION_FACTOR == 16
     assert sorted(adapter.ACTIVATIONS) == sorted(

@@ -247,7 +247,7 @@ def test_reentrant_checkpointing_is_detected() -> None:
     """What the DDP check for prefix tuning relies on (transformers' switch and torch's wrapper)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-    from lightning_peft.distributed import _reentrant_checkpointing
+    from lightning_peft.distributed.checkpointing import _reentrant_checkpointing
 
     model = tiny_bert()
     assert not _reentrant_checkpointing(model)

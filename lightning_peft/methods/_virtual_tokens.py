@@ -22,18 +22,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft.hf import base_model_name
+from lightning_peft.hf import task_type_of as hf_task_type
 from lightning_peft.methods.base import PEFTLayer
 
 #: keyword under which the backbone takes its key/value cache (transformers ≥ 5.2x, then older releases)
 CACHE_KEYS = ("cache", "past_key_values")
-
-
-def pretrained_model_type() -> type | None:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is needed for these methods only
-        return None
-    return PreTrainedModel
 
 
 def find_backbone(model: nn.Module, method: str) -> tuple[str, nn.Module, bool]:
@@ -43,24 +37,12 @@ def find_backbone(model: nn.Module, method: str) -> tuple[str, nn.Module, bool]:
     ``bert`` of ``BertForSequenceClassification``). A backbone without a head is wrapped itself, which needs a
     parent module to hold the wrapper.
     """
-    pretrained = pretrained_model_type()
-    if pretrained is None:  # pragma: no cover
-        raise ValueError(f"{method} needs the transformers library")
-    found = [n for n, m in model.named_modules() if isinstance(m, pretrained)]
-    outer = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n and o)]
-    if "" in found:
-        outer = [""]
-    if not outer:
+    outer_name = base_model_name(model)  # raises when several transformers models are present
+    if outer_name is None:
         raise ValueError(
             f"{method} adds virtual tokens to a transformers model, but {type(model).__name__} contains no "
             "transformers PreTrainedModel"
         )
-    if len(outer) > 1:
-        raise ValueError(
-            f"{method}: {type(model).__name__} contains {len(outer)} separate transformers models {outer}; "
-            "apply the method to the one module that should get virtual tokens"
-        )
-    outer_name = outer[0]
     outer_model = model.get_submodule(outer_name)
     config = getattr(outer_model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
@@ -104,18 +86,8 @@ def require_inputs(backbone: nn.Module, names: tuple[str, ...], method: str) -> 
 
 
 def task_type_of(model: nn.Module) -> str:
-    """HF PEFT's ``task_type`` for a transformers model, from its class name."""
-    name = type(model).__name__
-    for suffix, task in (
-        ("ForCausalLM", "CAUSAL_LM"),
-        ("LMHeadModel", "CAUSAL_LM"),
-        ("ForSequenceClassification", "SEQ_CLS"),
-        ("ForTokenClassification", "TOKEN_CLS"),
-        ("ForQuestionAnswering", "QUESTION_ANS"),
-    ):
-        if name.endswith(suffix):
-            return task
-    return "FEATURE_EXTRACTION"
+    """HF PEFT's ``task_type`` for a transformers model; a bare backbone is ``FEATURE_EXTRACTION``."""
+    return hf_task_type(model) or "FEATURE_EXTRACTION"
 
 
 def input_embedding_weight(backbone: nn.Module, method: str) -> torch.Tensor:

@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_peft.hf import model_type_of
+from lightning_peft.hf_targets import ADAPTER_PLACEMENT
 from lightning_peft.methods.base import (
     PEFTLayer,
     PEFTMethod,
@@ -33,14 +35,15 @@ from lightning_peft.methods.base import (
     check_choice,
     check_positive_int,
 )
-from lightning_peft.methods.lora import model_type_of
 from lightning_peft.methods.registry import register_method
+from lightning_peft.record import mark_trainable
 from lightning_peft.targeting import (
     ModuleTargets,
     find_targets,
+    innermost,
     is_linear_like,
     linear_dims,
-    replace_module,
+    wrap_target,
 )
 
 PLACEMENTS = ("houlsby", "pfeiffer")
@@ -55,23 +58,6 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
 }
 DEFAULT_REDUCTION_FACTOR = 16
-
-_BERT_LIKE = (r"(.*\.)?attention\.output\.dense", r"(.*\.)?layer\.\d+\.output\.dense")
-_LLAMA_LIKE = ("self_attn.o_proj", "mlp.down_proj")
-#: (attention output projection, feed-forward output projection) per transformers ``model_type``. BERT's
-#: FFN output is ``layer.N.output.dense``; the plain suffix "output.dense" would also match
-#: ``attention.output.dense``, hence the regexes.
-DEFAULT_TARGETS: dict[str, tuple[str, str]] = {
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "xlm-roberta": _BERT_LIKE,
-    "electra": _BERT_LIKE,
-    "distilbert": (r"(.*\.)?attention\.out_lin", r"(.*\.)?ffn\.lin2"),
-    "gpt2": ("attn.c_proj", "mlp.c_proj"),
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-}
 
 
 def output_features(module: nn.Module) -> int | None:
@@ -219,13 +205,13 @@ class Adapter(PEFTMethod):
         if self.target_modules is not None:
             return self.target_modules
         model_type = model_type_of(model)
-        if model_type not in DEFAULT_TARGETS:
+        if model_type not in ADAPTER_PLACEMENT:
             raise ValueError(
                 f"target_modules=None: Adapter has no default placement for model_type={model_type!r}; pass "
                 f"target_modules naming the projections after which adapters go (e.g. the attention output "
-                f"and feed-forward output layers). Known defaults: {sorted(DEFAULT_TARGETS)}"
+                f"and feed-forward output layers). Known defaults: {sorted(ADAPTER_PLACEMENT)}"
             )
-        attention_out, ffn_out = DEFAULT_TARGETS[model_type]
+        attention_out, ffn_out = ADAPTER_PLACEMENT[model_type]
         return [attention_out, ffn_out] if self.placement == "houlsby" else [ffn_out]
 
     # -- the interface --------------------------------------------------------------------------------------
@@ -250,15 +236,11 @@ class Adapter(PEFTMethod):
         return targets
 
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
-        from lightning_peft.model import mark_trainable
-
         for name in targets:
-            base = model.get_submodule(name)
-            features = output_features(base)
+            features = output_features(innermost(model.get_submodule(name)))
             assert features is not None
-            replace_module(
-                model, name, self.layer_class(base, self.bottleneck_for(features), self.activation)
-            )
+            size = self.bottleneck_for(features)
+            wrap_target(model, name, lambda base, size=size: self.layer_class(base, size, self.activation))
         if not self.layernorms_trained:
             return
         norms = layernorms_near(model, targets)
@@ -270,7 +252,7 @@ class Adapter(PEFTMethod):
         for norm in norms:
             local = [n for n, _ in norm.named_parameters(recurse=False) if n in ("weight", "bias")]
             if local:
-                mark_trainable(norm, *local)
+                mark_trainable(model, norm, *local)
 
 
 def layernorms_near(model: nn.Module, targets: ModuleTargets) -> list[nn.Module]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,6 +27,13 @@ import torch
 from torch import nn
 
 from lightning_peft.targeting import ModuleTargets
+
+#: the adapter name of single-adapter APIs (also :data:`lightning_peft.record.DEFAULT_ADAPTER`)
+DEFAULT_ADAPTER_NAME = "default"
+#: per-sample adapter names of the forward pass in progress (``model(..., adapter_names=[...])``), or None
+ADAPTER_ROUTING: ContextVar[list[str] | None] = ContextVar("lightning_peft_adapter_routing", default=None)
+#: attributes of the wrapped layer that a wrapper exposes as its own
+WRAPPED_ATTRIBUTES = frozenset({"weight", "bias", "in_features", "out_features"})
 
 #: a merge factor this close to zero cannot be divided out exactly; layers then keep a copy of the base weight
 EXACT_UNMERGE_EPS = 1e-4
@@ -42,9 +50,59 @@ class PEFTLayer(nn.Module):
     #: DDP cannot reduce under reentrant activation checkpointing without ``static_graph``
     shared_across_layers: ClassVar[bool] = False
 
+    #: lets the ground-floor target matching recognise adapter layers without importing this class
+    is_peft_layer: ClassVar[bool] = True
+    #: whether one batch may mix samples that use this layer's adapter with samples that do not
+    #: (``adapter_names=`` on the model's forward); false for layers that change the sequence length
+    supports_mixed_batch: ClassVar[bool] = True
+
     def __init__(self) -> None:
         super().__init__()
         self.merged = False
+        #: the named adapter this layer belongs to, and whether it runs in ``forward``
+        self.adapter_name = DEFAULT_ADAPTER_NAME
+        self.active = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        routing = ADAPTER_ROUTING.get()
+        if routing is None:
+            if self.active or self.merged:
+                return super().__call__(*args, **kwargs)
+            return self.base_layer(*args, **kwargs)  # a switched-off adapter: the wrapped module alone
+        return self._routed_call(routing, args, kwargs)
+
+    def _routed_call(self, routing: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One batch, several adapters: sample ``i`` goes through this adapter only if ``routing[i]`` names it."""
+        if self.merged:
+            raise RuntimeError(
+                f"adapter_names=... needs unmerged adapters, but {self.adapter_name!r} is merged into the base "
+                "weights; call unmerge_adapter(model) first"
+            )
+        base = self.base_layer(*args, **kwargs)  # (batch, ...)
+        if self.adapter_name not in routing:
+            return base
+        if not self.supports_mixed_batch:
+            raise ValueError(
+                f"adapter_names=...: {type(self).__name__} (adapter {self.adapter_name!r}) changes the sequence "
+                "length, so it cannot share a batch with samples that do not use it"
+            )
+        adapted = super().__call__(*args, **kwargs)  # (batch, ...)
+        if adapted.shape[0] != len(routing):
+            raise ValueError(
+                f"adapter_names has {len(routing)} entries but the batch has {adapted.shape[0]} samples"
+            )
+        use = torch.tensor([name == self.adapter_name for name in routing], device=adapted.device)
+        return torch.where(use.view(-1, *([1] * (adapted.dim() - 1))), adapted, base)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # code that inspects the wrapped layer (``layer.weight.dtype``, ``in_features``) keeps working
+            modules = self.__dict__.get("_modules", {})
+            if name in WRAPPED_ATTRIBUTES and "base_layer" in modules:
+                return getattr(modules["base_layer"], name)
+            raise
 
     def peft_parameter_names(self) -> list[str]:
         """Local names of the parameters that belong to the adapter (trained and saved)."""

@@ -33,12 +33,14 @@ from torch import nn
 from lightning_peft.methods.base import EXACT_UNMERGE_EPS
 from lightning_peft.methods.lora import LoRA, LoRALinear, weight_as_out_in
 from lightning_peft.methods.registry import register_method
+from lightning_peft.targeting import innermost
 
 
 def set_weight_out_in(layer: nn.Module, weight_out_in: torch.Tensor) -> None:
     """Write an (out, in) matrix into an ``nn.Linear`` or a GPT-2 ``Conv1D`` (which stores (in, out))."""
-    target = layer.weight
-    value = weight_out_in if isinstance(layer, nn.Linear) else weight_out_in.T
+    inner = innermost(layer)
+    target = inner.weight
+    value = weight_out_in if isinstance(inner, nn.Linear) else weight_out_in.T
     target.data.copy_(value.to(target.dtype))
 
 

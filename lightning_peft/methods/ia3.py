@@ -23,8 +23,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft.hf import default_targets, model_type_of
+from lightning_peft.hf_targets import IA3_FEEDFORWARD, IA3_TARGETS
 from lightning_peft.methods.base import EXACT_UNMERGE_EPS, PEFTLayer, PEFTMethod, _as_str_list
-from lightning_peft.methods.lora import default_targets, is_lora_target, model_type_of
+from lightning_peft.methods.lora import is_lora_target
 from lightning_peft.methods.peft_interop import (
     check_supported_peft_options,
     modules_to_save_from_peft,
@@ -32,31 +34,8 @@ from lightning_peft.methods.peft_interop import (
     peft_module_list,
 )
 from lightning_peft.methods.registry import register_method
-from lightning_peft.targeting import ModuleTargets, find_targets, linear_dims, matches_any, replace_module
+from lightning_peft.targeting import ModuleTargets, find_targets, linear_dims, matches_any, wrap_target
 
-#: the FFN's second linear of BERT/RoBERTa (``layer.N.output.dense``) but not ``attention.output.dense``
-_BERT_FFN_OUT = r"(?:.*\.)?layer\.\d+\.output\.dense"
-
-#: default (IA)³ targets per transformers ``model_type`` when ``target_modules`` is not given
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["key", "value", _BERT_FFN_OUT],
-    "roberta": ["key", "value", _BERT_FFN_OUT],
-    "distilbert": ["k_lin", "v_lin", "ffn.lin2"],
-    "gpt2": ["c_attn", "mlp.c_proj"],
-    "llama": ["k_proj", "v_proj", "down_proj"],
-    "mistral": ["k_proj", "v_proj", "down_proj"],
-    "qwen2": ["k_proj", "v_proj", "down_proj"],
-}
-#: which of the default targets are feed-forward (input-side scaling)
-DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
-    "bert": [_BERT_FFN_OUT],
-    "roberta": [_BERT_FFN_OUT],
-    "distilbert": ["ffn.lin2"],
-    "gpt2": ["mlp.c_proj"],
-    "llama": ["down_proj"],
-    "mistral": ["down_proj"],
-    "qwen2": ["down_proj"],
-}
 #: HF PEFT IA3 options lightning-peft does not implement, with the value that means "off"
 UNSUPPORTED_IA3_OPTIONS: dict[str, Any] = {"init_ia3_weights": True}
 
@@ -165,13 +144,13 @@ class IA3(PEFTMethod):
 
     def resolved_targets(self, model: nn.Module) -> list[str] | str:
         if self.target_modules is None:
-            return default_targets(model, DEFAULT_TARGETS, type(self).__name__)
+            return default_targets(model, IA3_TARGETS, type(self).__name__)
         return self.target_modules
 
     def resolved_feedforward(self, model: nn.Module) -> list[str] | str:
         if self.feedforward_modules is not None:
             return self.feedforward_modules
-        return list(DEFAULT_FEEDFORWARD.get(model_type_of(model) or "", []))
+        return list(IA3_FEEDFORWARD.get(model_type_of(model) or "", []))
 
     def feedforward_targets(self, model: nn.Module, targets: ModuleTargets) -> list[str]:
         """The subset of ``targets`` that get input-side scaling; an explicit feedforward_modules entry that
@@ -202,8 +181,7 @@ class IA3(PEFTMethod):
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
         feedforward = set(self.feedforward_targets(model, targets))
         for name in targets:
-            base = model.get_submodule(name)
-            replace_module(model, name, IA3Layer(base, is_feedforward=name in feedforward))
+            wrap_target(model, name, lambda base, ff=name in feedforward: IA3Layer(base, is_feedforward=ff))
 
     # -- HF PEFT interop -------------------------------------------------------------------------------
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:

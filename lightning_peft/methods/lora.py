@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.hf import default_targets
+from lightning_peft.hf_targets import LORA_TARGETS
 from lightning_peft.methods.base import (
     PEFTLayer,
     PEFTMethod,
@@ -31,49 +33,23 @@ from lightning_peft.methods.base import (
 from lightning_peft.methods.peft_interop import lora_kwargs_from_peft_config, lora_peft_config
 from lightning_peft.methods.registry import register_method
 from lightning_peft.quantized import float_weight
+from lightning_peft.record import mark_trainable
 from lightning_peft.targeting import (
     ModuleTargets,
     conv1d_type,
     find_targets,
+    innermost,
     linear_dims,
-    replace_module,
+    wrap_target,
 )
-
-#: default targets per transformers ``model_type`` when ``target_modules`` is not given
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-}
-
-
-def model_type_of(model: nn.Module) -> str | None:
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        model_type = getattr(config, "model_type", None)
-        if isinstance(model_type, str):
-            return model_type
-    return None
-
-
-def default_targets(model: nn.Module, table: dict[str, list[str]], method: str) -> list[str]:
-    model_type = model_type_of(model)
-    if model_type in table:
-        return list(table[model_type])
-    raise ValueError(
-        f"target_modules=None: {method} has no default targets for model_type={model_type!r}; pass "
-        f"target_modules explicitly (known defaults: {sorted(table)})"
-    )
 
 
 def weight_as_out_in(layer: nn.Module) -> torch.Tensor:
     """The base weight as (out, in), whether it is an ``nn.Linear`` (dequantized when it is a bitsandbytes
-    4-bit/8-bit layer) or a GPT-2 ``Conv1D`` (stored (in, out))."""
-    return float_weight(layer) if isinstance(layer, nn.Linear) else layer.weight.T
+    4-bit/8-bit layer) or a GPT-2 ``Conv1D`` (stored (in, out)), also through the adapter layers of other named
+    adapters that wrap it."""
+    inner = innermost(layer)
+    return float_weight(inner) if isinstance(inner, nn.Linear) else inner.weight.T
 
 
 class LoRALinear(PEFTLayer):
@@ -188,7 +164,7 @@ class LoRA(PEFTMethod):
 
     def resolved_targets(self, model: nn.Module) -> list[str] | str:
         if self.target_modules is None:
-            return default_targets(model, DEFAULT_TARGETS, type(self).__name__)
+            return default_targets(model, LORA_TARGETS, type(self).__name__)
         return self.target_modules
 
     def plan(self, model: nn.Module) -> ModuleTargets:
@@ -213,15 +189,12 @@ class LoRA(PEFTMethod):
         return self.layer_class(base, self.r, self.alpha, self.dropout, self.use_rslora)
 
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
-        from lightning_peft.model import mark_trainable
-
         for name in targets:
-            base = model.get_submodule(name)
-            layer = self.make_layer(base)
-            replace_module(model, name, layer)
+            base = innermost(model.get_submodule(name))
+            wrap_target(model, name, self.make_layer)
             if self.bias == "lora_only" and getattr(base, "bias", None) is not None:
-                mark_trainable(base, "bias")
+                mark_trainable(model, base, "bias")
         if self.bias == "all":
             for module in model.modules():
                 if isinstance(getattr(module, "bias", None), nn.Parameter):
-                    mark_trainable(module, "bias")
+                    mark_trainable(model, module, "bias")

@@ -9,21 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from lightning_peft.hf import base_prefix, task_type_of
 from lightning_peft.methods.base import PEFTLayer
+from lightning_peft.record import saved_module_names
 from lightning_peft.targeting import _REGEX_CHARS
 
 if TYPE_CHECKING:
     from lightning_peft.methods.lora import LoRA
 
-#: transformers class-name suffix -> HF PEFT task_type (decides which PeftModel subclass loads the adapter)
-TASK_TYPES = {
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForQuestionAnswering": "QUESTION_ANS",
-    "ForCausalLM": "CAUSAL_LM",
-    "LMHeadModel": "CAUSAL_LM",
-    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
-}
 #: heads HF PEFT adds to modules_to_save for a task_type; loading fails if the file lacks an existing one
 TASK_HEADS = {
     "SEQ_CLS": ("classifier", "score"),
@@ -44,8 +37,6 @@ UNSUPPORTED_LORA_OPTIONS: dict[str, Any] = {
 
 
 def _transformers_root(model: nn.Module) -> tuple[nn.Module, str]:
-    from lightning_peft.io import base_prefix
-
     prefix = base_prefix(model)
     return (model.get_submodule(prefix[:-1]) if prefix else model), prefix
 
@@ -95,12 +86,9 @@ def peft_module_list(
 
 def peft_common_config(model: nn.Module, peft_type: str) -> dict[str, Any]:
     """Fields every HF PEFT adapter_config.json carries: type, task, base model, modules_to_save."""
-    from lightning_peft.model import SAVE_ATTR
-
     root, prefix = _transformers_root(model)
-    class_name = type(root).__name__
-    task_type = next((t for suffix, t in TASK_TYPES.items() if class_name.endswith(suffix)), None)
-    saved = [_relative(n, prefix) for n, m in model.named_modules() if m.__dict__.get(SAVE_ATTR, False)]
+    task_type = task_type_of(root)
+    saved = [_relative(n, prefix) for n in saved_module_names(model)]
     heads = [
         n for n, _ in root.named_modules() if n.rpartition(".")[2] in TASK_HEADS.get(task_type or "", ())
     ]

@@ -1,0 +1,182 @@
+"""The one reader for everything lightning-peft loads from disk.
+
+:func:`read_adapter` takes an adapter folder (ours or HF PEFT's), an ``adapter_model.safetensors`` file or an
+adapter-only Lightning ``.ckpt`` and returns the method configurations, the tensors and the base-model prefix,
+plus what is known about the base model. Nothing is unpickled: checkpoints are read with
+``torch.load(weights_only=True)``, and the only things a file can name and have built are registered methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.registry import _REGISTRY, method_from_dict
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+#: key under which adapter-only ``.ckpt`` files (and our safetensors headers) keep the method configurations
+CHECKPOINT_KEY = "lightning_peft"
+FORMAT_VERSION = 1
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class AdapterFile:
+    """What :func:`read_adapter` found at ``source``."""
+
+    source: str
+    methods: list[PEFTMethod]
+    #: the adapter's tensors: keyed as in HF PEFT's ``adapter_model.safetensors`` (``key_format="peft"``) or as
+    #: in the saving module's ``state_dict()`` (``key_format="state_dict"``, adapter-only checkpoints)
+    tensors: dict[str, torch.Tensor]
+    key_format: Literal["peft", "state_dict"]
+    #: prefix of the base transformers model in the module that saved the tensors (``state_dict`` keys);
+    #: ``None`` when the file does not say
+    base_prefix: str | None = None
+    #: what is known about the base: ``base_model_name_or_path``, ``task_type``, ``num_labels``, ``labels``
+    base: dict[str, Any] = field(default_factory=dict)
+    #: a checkpoint's ``hyper_parameters`` (empty for adapter folders)
+    hyper_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def read_adapter(path: PathLike | AdapterFile, map_location: str | torch.device = "cpu") -> AdapterFile:
+    """Read an adapter folder, an adapter ``.safetensors`` file or an adapter-only ``.ckpt`` (whose tensors
+    go to ``map_location``)."""
+    if isinstance(path, AdapterFile):
+        return path
+    location = Path(path)
+    if location.is_dir():
+        return _read_folder(location)
+    if location.is_file() and location.suffix == ".safetensors":
+        return _read_safetensors(location, location.parent / ADAPTER_CONFIG)
+    if location.is_file():
+        return _read_checkpoint(location, map_location)
+    raise FileNotFoundError(
+        f"path={str(path)!r} is neither an adapter folder nor a .ckpt file (nor an adapter .safetensors file)"
+    )
+
+
+def read_methods(path: PathLike) -> list[PEFTMethod]:
+    """Only the method configurations at ``path`` (cheap: no tensors are read for folders)."""
+    location = Path(path)
+    if location.is_dir():
+        return _folder_methods(location)
+    return read_adapter(location).methods
+
+
+def _read_folder(folder: Path) -> AdapterFile:
+    weights_file = folder / ADAPTER_WEIGHTS
+    methods = _folder_methods(folder)  # an unknown method fails before the weights are read
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"path={str(folder)!r} holds no {ADAPTER_WEIGHTS}")
+    adapter = _read_safetensors(weights_file, folder / ADAPTER_CONFIG, methods)
+    adapter.source = str(folder)
+    return adapter
+
+
+def _read_safetensors(
+    weights_file: Path, config_file: Path, methods: list[PEFTMethod] | None = None
+) -> AdapterFile:
+    config = _read_json(config_file) if config_file.is_file() else {}
+    meta = _header_meta(weights_file)
+    if methods is None:
+        if meta is not None:
+            methods = [method_from_dict(d) for d in meta["methods"]]
+        elif config:
+            methods = _folder_methods(config_file.parent)
+        else:
+            raise ValueError(
+                f"{weights_file}: no lightning-peft metadata in its header and no {ADAPTER_CONFIG} beside it, "
+                "so the method that wrote it is unknown"
+            )
+    base = {k: config[k] for k in ("base_model_name_or_path", "task_type", "label_names") if config.get(k)}
+    if "label_names" in base:
+        base["labels"] = base.pop("label_names")
+    return AdapterFile(
+        source=str(weights_file),
+        methods=methods,
+        tensors=load_file(str(weights_file)),
+        key_format="peft",
+        base_prefix=(meta or {}).get("base_prefix"),
+        base=base,
+    )
+
+
+def _folder_methods(folder: Path) -> list[PEFTMethod]:
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"path={str(folder)!r} holds no {ADAPTER_CONFIG}")
+    config = _read_json(config_file)
+    if CHECKPOINT_KEY in config:
+        return [method_from_dict(d) for d in config[CHECKPOINT_KEY]["methods"]]
+    meta = _header_meta(folder / ADAPTER_WEIGHTS)
+    if meta is not None:
+        return [method_from_dict(d) for d in meta["methods"]]
+    for cls in _REGISTRY.values():
+        method = cls.from_peft_config(config)
+        if method is not None:
+            return [method]
+    raise ValueError(
+        f"{config_file}: peft_type={config.get('peft_type')!r} is not one lightning-peft can load; "
+        f"known methods: {sorted(_REGISTRY)}"
+    )
+
+
+def _read_json(config_file: Path) -> dict[str, Any]:
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _header_meta(weights_file: Path) -> dict[str, Any] | None:
+    if not weights_file.is_file():
+        return None
+    with safe_open(str(weights_file), "pt") as f:
+        meta = (f.metadata() or {}).get(CHECKPOINT_KEY)
+    return json.loads(meta) if meta else None
+
+
+def _read_checkpoint(path: Path, map_location: str | torch.device) -> AdapterFile:
+    try:
+        # weights_only: a checkpoint is data; a pickled object in it is refused, never run
+        checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path}: refused to load this checkpoint: it holds pickled Python objects that would have to be "
+            f"executed to read it (torch.load(weights_only=True) says: {str(error).splitlines()[0]})"
+        ) from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise ValueError(
+            f"{path} is not an adapter-only checkpoint (it was not written while training with PEFTCallback or "
+            "PEFTMixin)"
+        )
+    info = checkpoint[CHECKPOINT_KEY]
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    base = dict(info.get("base") or {})
+    # checkpoints written before the base was recorded: the example modules' hyper-parameters
+    for key, hparam in (("base_model_name_or_path", "model_name_or_path"), ("num_labels", "num_labels")):
+        if base.get(key) is None and hparams.get(hparam) is not None:
+            base[key] = hparams[hparam]
+    if hparams.get("labels") and not base.get("labels"):
+        base["labels"] = list(hparams["labels"])
+    return AdapterFile(
+        source=str(path),
+        methods=[method_from_dict(d) for d in info["methods"]],
+        tensors=dict(checkpoint.get("state_dict") or {}),
+        key_format="state_dict",
+        base_prefix=info.get("base_prefix"),
+        base={k: v for k, v in base.items() if v is not None},
+        hyper_parameters=hparams,
+    )
