@@ -19,6 +19,7 @@ test.tsv accuracy at the end. Every base sees the same batches and starts from t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -26,6 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+# before torch loads libgomp (accuracy_sst2 imports torch): idle OpenMP threads sleep instead of spinning
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
