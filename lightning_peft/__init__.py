@@ -9,6 +9,7 @@ from lightning_peft.adapters import (
     set_adapter,
 )
 from lightning_peft.callback import PEFTCallback
+from lightning_peft.combine_folders import combine_adapter_folders, combine_adapters
 from lightning_peft.io import load_adapter, load_peft_checkpoint, save_adapter
 from lightning_peft.lifecycle import PEFTLifecycle
 from lightning_peft.methods import (
@@ -35,8 +36,7 @@ from lightning_peft.model import (
     trainable_parameter_names,
     unmerge_adapter,
 )
-
-__version__ = "0.1.0"
+from lightning_peft.version import __version__ as __version__
 
 __all__ = [
     "IA3",
@@ -56,6 +56,8 @@ __all__ = [
     "adapter_state_dict",
     "apply_peft",
     "available_methods",
+    "combine_adapter_folders",
+    "combine_adapters",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",

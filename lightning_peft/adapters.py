@@ -29,7 +29,7 @@ from lightning_peft.model import (
     refresh_requires_grad,
     remove_peft,
 )
-from lightning_peft.record import AdapterRecord, get_record
+from lightning_peft.record import _RECORD_KEY, AdapterRecord, get_record
 
 #: methods that can be one of several named adapters (see the module docstring)
 STACKABLE = ("lora", "dora", "ia3", "adapter")
@@ -186,27 +186,48 @@ def only_adapter(model: nn.Module, adapter_name: str) -> Iterator[None]:
     if list(record.adapters) == [adapter_name] and record.active == [adapter_name]:
         yield
         return
+    own = [layer for _, layer in peft_layers(model) if layer.adapter_name == adapter_name]
+    saved = (record.adapters, record.active, [layer.active for layer in own])
+    with _unplugged(model, keep=adapter_name):
+        record.adapters, record.active = {adapter_name: record.adapters[adapter_name]}, [adapter_name]
+        for layer in own:
+            layer.active = True
+        try:
+            yield
+        finally:
+            record.adapters, record.active = saved[0], saved[1]
+            for layer, active in zip(own, saved[2]):
+                layer.active = active
+
+
+@contextmanager
+def without_adapters(model: nn.Module) -> Iterator[None]:
+    """Inside the block ``model`` is the plain base model: every adapter layer and the record are set aside
+    (not freed) and put back afterwards."""
+    record = _record(model)
+    with _unplugged(model, keep=None):
+        del model.__dict__[_RECORD_KEY]
+        try:
+            yield
+        finally:
+            model.__dict__[_RECORD_KEY] = record
+
+
+@contextmanager
+def _unplugged(model: nn.Module, keep: str | None) -> Iterator[None]:
     parents = {
         id(child): (parent, attr) for parent in model.modules() for attr, child in parent._modules.items()
     }
     unplugged: list[tuple[nn.Module, str, PEFTLayer]] = []
-    own = [layer for _, layer in peft_layers(model) if layer.adapter_name == adapter_name]
     for _, layer in list(peft_layers(model)):
-        if layer.adapter_name == adapter_name:
+        if layer.adapter_name == keep:
             continue
         parent, attr = parents[id(layer)]
         setattr(parent, attr, layer.base_layer)
         parents[id(layer.base_layer)] = (parent, attr)
         unplugged.append((parent, attr, layer))
-    saved = (record.adapters, record.active, [layer.active for layer in own])
-    record.adapters, record.active = {adapter_name: record.adapters[adapter_name]}, [adapter_name]
-    for layer in own:
-        layer.active = True
     try:
         yield
     finally:
-        record.adapters, record.active = saved[0], saved[1]
-        for layer, active in zip(own, saved[2]):
-            layer.active = active
         for parent, attr, layer in reversed(unplugged):
             setattr(parent, attr, layer)

@@ -44,6 +44,9 @@ class PEFTCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.lifecycle.on_fit_start(trainer, pl_module)
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        self.lifecycle.on_before_backward(pl_module, loss)
+
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.lifecycle.on_after_backward(trainer, pl_module)
 

@@ -101,9 +101,20 @@ def default_targets(model: nn.Module, table: Mapping[str, Sequence[str]], method
     if model_type in table:
         return list(table[model_type])
     raise ValueError(
-        f"target_modules=None: {method} has no default targets for model_type={model_type!r} "
-        f"({type(model).__name__}); pass target_modules explicitly (known defaults: {sorted(table)})"
+        f"target_modules=None: {method} on {model_description(model)} has no default targets for "
+        f"model_type={model_type!r}; pass target_modules explicitly ({len(table)} model types have defaults, "
+        "listed in lightning_peft/hf_targets.py)"
     )
+
+
+def model_description(model: nn.Module) -> str:
+    """The class of the transformers model inside ``model`` (what the user recognises, also when ``model`` is
+    a LightningModule holding it), else ``model``'s own class."""
+    pretrained = pretrained_model_class()
+    inner = [
+        type(m).__name__ for m in model.modules() if pretrained is not None and isinstance(m, pretrained)
+    ]
+    return inner[0] if inner else type(model).__name__
 
 
 def task_type_of(model: nn.Module) -> str | None:

@@ -15,8 +15,10 @@ from torch import nn
 
 from lightning_peft.adapters import add_adapter, delete_adapter, list_adapters, only_adapter
 from lightning_peft.distributed.strategies import check_saveable, is_global_zero
+from lightning_peft.fingerprint import check_base, fingerprint_record
 from lightning_peft.hf import AmbiguousBaseModelError, base_prefix, config_value, name_or_path, task_type_of
 from lightning_peft.hf import base_model as find_base_model
+from lightning_peft.hub import resolve_adapter_path
 from lightning_peft.methods.base import PEFTLayer, PEFTMethod
 from lightning_peft.methods.registry import method_from_dict
 from lightning_peft.model import (
@@ -31,6 +33,8 @@ from lightning_peft.model import (
     state_dict_key,
     trainable_parameter_names,
 )
+from lightning_peft.participation import watch_first_inference
+from lightning_peft.peft_format import from_file_keys, to_file_keys
 from lightning_peft.quantized import quantization_state_keys
 from lightning_peft.reader import (
     ADAPTER_CONFIG,
@@ -120,7 +124,7 @@ def adapter_config_dict(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any
     exactly PEFT's (so PEFT loads the folder without warnings) and our metadata goes into the safetensors
     header; otherwise the JSON holds our metadata under ``"lightning_peft"``."""
     methods = [m.saved_config() for m in attached_methods(model) or []]
-    meta = adapter_meta(model, methods)
+    meta = {**adapter_meta(model, methods), **fingerprint_record(model)}
     peft_config = methods[0].peft_config(model) if len(methods) == 1 else None
     return (peft_config if peft_config else {CHECKPOINT_KEY: meta}), meta
 
@@ -176,6 +180,7 @@ def _save_one(model: nn.Module, folder: Path) -> None:
     if not is_global_zero():
         return  # every rank gathered (a collective under FSDP2); one writes
     config, meta = adapter_config_dict(model)
+    tensors = to_file_keys(tensors, config)
     save_file(
         tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt", CHECKPOINT_KEY: json.dumps(meta)}
     )
@@ -188,16 +193,26 @@ def read_adapter_config(path: PathLike) -> list[PEFTMethod]:
 
 
 def load_adapter(
-    model: nn.Module, path: PathLike | AdapterFile, adapter_name: str = DEFAULT_ADAPTER
+    model: nn.Module,
+    path: PathLike | AdapterFile,
+    adapter_name: str = DEFAULT_ADAPTER,
+    *,
+    allow_base_mismatch: bool = False,
 ) -> nn.Module:
     """Load an adapter onto ``model`` under the name ``adapter_name``: an adapter folder written by
     :func:`save_adapter` (or by HF PEFT for LoRA/DoRA/IA3/prompt/prefix tuning), an adapter ``.safetensors``
-    file, or an adapter-only ``.ckpt``.
+    file, an adapter-only ``.ckpt``, or a Hub repository id (``"org/name"``), fetched with ``huggingface_hub``
+    (from its cache with HF_HUB_OFFLINE=1).
 
     An adapter of that name is attached first if ``model`` has none (switched off if other adapters are
-    loaded, see :func:`~lightning_peft.add_adapter`). Every tensor is checked against the model before
-    anything is loaded; on a mismatch the error names the tensor and both shapes and the model is unchanged.
+    loaded, see :func:`~lightning_peft.add_adapter`). A folder that records its base model (every folder
+    :func:`save_adapter` writes) is refused on a different base unless ``allow_base_mismatch=True``. Every
+    tensor is checked against the model before anything is loaded; on a mismatch the error names the tensor
+    and both shapes and the model is unchanged.
     """
+    if not isinstance(path, AdapterFile):
+        path = resolve_adapter_path(path)
+        check_base(model, path, allow_base_mismatch)
     adapter = read_adapter(path)
     record = get_record(model)
     attached_here = record is None or adapter_name not in record.adapters
@@ -213,6 +228,7 @@ def load_adapter(
         raise
     with only_adapter(model, adapter_name):
         load_adapter_state(model, state, adapter.source)
+    watch_first_inference(model)  # the first forward checks that every method took part (participation.py)
     return model
 
 
@@ -224,6 +240,8 @@ def _model_state(model: nn.Module, adapter: AdapterFile) -> dict[str, torch.Tens
         to_file = _state_prefix_map(model, adapter)
         expected = {name: to_file(name) for name in map(state_dict_key, trainable_parameter_names(model))}
     inverse = {file_key: name for name, file_key in expected.items()}
+    if adapter.key_format == "peft":
+        adapter.tensors = from_file_keys(adapter.tensors, set(inverse))
     unexpected = sorted(set(adapter.tensors) - set(inverse))
     if unexpected:
         raise ValueError(

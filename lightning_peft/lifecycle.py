@@ -33,6 +33,7 @@ from lightning_peft.io import CHECKPOINT_KEY, filter_checkpoint, prepare_checkpo
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.model import ParameterCount, apply_peft, as_method_list, count_parameters, remove_peft
 from lightning_peft.optim import fix_optimizers
+from lightning_peft.participation import check_forward
 from lightning_peft.quantized import keep_adapter_unquantized
 from lightning_peft.record import DEFAULT_ADAPTER, ensure_record, get_record, is_attached, replace_attribute
 
@@ -148,6 +149,9 @@ class PEFTLifecycle:
             self.attach(module, trainer)
         fix_optimizers(module, trainer.optimizers)
         prepare_training(module, trainer)
+
+    def on_before_backward(self, module: pl.LightningModule, loss: Any) -> None:
+        check_forward(module, loss)  # once per fit: every method took part in the first forward
 
     def on_after_backward(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         check_gradients(module, trainer)  # once per fit: adapter tensors that got no gradient

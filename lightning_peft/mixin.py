@@ -61,6 +61,10 @@ class PEFTMixin:
         super().on_fit_start()  # type: ignore[misc]
         self._require_lifecycle().on_fit_start(self.trainer, self)  # type: ignore[attr-defined,arg-type]
 
+    def on_before_backward(self, loss: Any) -> None:
+        super().on_before_backward(loss)  # type: ignore[misc]
+        self._require_lifecycle().on_before_backward(self, loss)  # type: ignore[arg-type]
+
     def on_after_backward(self) -> None:
         super().on_after_backward()  # type: ignore[misc]
         self._require_lifecycle().on_after_backward(self.trainer, self)  # type: ignore[attr-defined,arg-type]

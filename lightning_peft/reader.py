@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.peft_interop import unsupported_peft_type
 from lightning_peft.methods.registry import _REGISTRY, method_from_dict
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -75,6 +76,21 @@ def read_methods(path: PathLike) -> list[PEFTMethod]:
     return read_adapter(location).methods
 
 
+def read_meta(path: PathLike) -> dict[str, Any] | None:
+    """lightning-peft's own metadata of an adapter folder (or of its ``.safetensors`` file): the JSON's
+    ``"lightning_peft"`` entry, else the safetensors header's; ``None`` for other files and HF PEFT folders."""
+    location = Path(path)
+    if location.is_file() and location.suffix == ".safetensors":
+        folder, weights_file = location.parent, location
+    elif location.is_dir():
+        folder, weights_file = location, location / ADAPTER_WEIGHTS
+    else:
+        return None
+    config_file = folder / ADAPTER_CONFIG
+    meta = _read_json(config_file).get(CHECKPOINT_KEY) if config_file.is_file() else None
+    return meta if meta is not None else _header_meta(weights_file)
+
+
 def _read_folder(folder: Path) -> AdapterFile:
     weights_file = folder / ADAPTER_WEIGHTS
     methods = _folder_methods(folder)  # an unknown method fails before the weights are read
@@ -127,10 +143,7 @@ def _folder_methods(folder: Path) -> list[PEFTMethod]:
         method = cls.from_peft_config(config)
         if method is not None:
             return [method]
-    raise ValueError(
-        f"{config_file}: peft_type={config.get('peft_type')!r} is not one lightning-peft can load; "
-        f"known methods: {sorted(_REGISTRY)}"
-    )
+    raise unsupported_peft_type(config, str(config_file))
 
 
 def _read_json(config_file: Path) -> dict[str, Any]:

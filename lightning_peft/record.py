@@ -63,6 +63,10 @@ class AdapterRecord:
     check_grads: bool = False
     #: instance attributes replaced on the module (hooks, ``_strict_loading``) -> value before, or _ABSENT
     replaced: dict[str, Any] = field(default_factory=dict)
+    #: the PEFT layers watched until the first forward is checked: (layer, its pre-hook, the hook's handle),
+    #: and the root's forward-hook handle for ``load_adapter``'s first inference (participation.py)
+    watched: list[tuple[nn.Module, Any, Any]] | None = None
+    first_inference: Any = None
 
     @property
     def methods(self) -> list[PEFTMethod]:

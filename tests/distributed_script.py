@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning.pytorch as pl  # noqa: E402
-from helpers import DictDataset, HFModule, tiny_bert  # noqa: E402
+from helpers import DictDataset, HFModule, every_method, tiny_bert  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy  # noqa: E402
@@ -370,6 +370,74 @@ def run_fsdp2(out: Path, results: dict[str, Any]) -> None:
     expect_error(results, "late_error", lambda: late.fit(LateShardModule()))
 
 
+# -- FSDP2 on the meta device: every method starts at its init after Lightning's materialisation -----------
+META_METHODS = every_method()
+
+
+class MetaMixinModule(PEFTMixin, DDPModule):
+    """Built in ``configure_model``, which ModelParallelStrategy runs on the meta device; ``apply_peft()``
+    before ``fully_shard``; Lightning then materialises (``to_empty`` + ``reset_parameters``)."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__(seed=0)
+        self.model = None  # type: ignore[assignment]
+        self.method_name = method
+
+    def configure_peft(self) -> PEFTMethod:
+        return META_METHODS[self.method_name]()
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = tiny_bert(seed=0).eval()
+        self.apply_peft()
+        shard(self)
+
+
+class MetaProbe(Callback):
+    """Compares the materialised model with the same base weights without the adapter, before training."""
+
+    def __init__(self, results: dict[str, Any]) -> None:
+        self.results = results
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # BERT's non-persistent id buffers have no reset_parameters: a user loads them with the weights
+        real = dict(tiny_bert().named_buffers())
+        for name, buffer in pl_module.model.named_buffers():
+            buffer.copy_(real[name.replace("base_layer.", "")])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)  # every rank gets every tensor
+        full = get_model_state_dict(pl_module.model, options=options)  # a collective: every rank calls
+        plain = tiny_bert(seed=7)
+        wanted = plain.state_dict()
+        mapped = {key.replace("base_layer.", ""): value for key, value in full.items()}
+        missing = sorted(set(wanted) - set(mapped))
+        plain.load_state_dict({k: v for k, v in mapped.items() if k in wanted}, strict=False)
+        batch = DictDataset("bert", n=4).data
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            adapted = pl_module.model(**inputs).logits
+            base = plain(**inputs).logits
+        adapter = full_adapter(pl_module)
+        self.results[pl_module.method_name] = {
+            "max_diff": float((adapted - base).abs().max()),
+            "finite": all(bool(t.isfinite().all()) for t in adapter.values()),
+            "missing": missing,
+            "std": [float(t.float().std()) for t in adapter.values() if t.numel() > 1][:1],
+        }
+
+
+def run_fsdp2_meta(out: Path, results: dict[str, Any]) -> None:
+    for method in META_METHODS:
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        probe = MetaProbe(results)
+        trainer(out, strategy, [probe], peft=False, max_steps=1, enable_checkpointing=False).fit(
+            MetaMixinModule(method)
+        )
+
+
 # -- used by the tests (in the pytest process) ------------------------------------------------------------
 SCRIPT = Path(__file__).resolve()
 
@@ -403,7 +471,13 @@ def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
-    modes = {"ddp": run_ddp, "ddp_prefix": run_ddp_prefix, "ddp_spawn": run_ddp_spawn, "fsdp2": run_fsdp2}
+    modes = {
+        "ddp": run_ddp,
+        "ddp_prefix": run_ddp_prefix,
+        "ddp_spawn": run_ddp_spawn,
+        "fsdp2": run_fsdp2,
+        "fsdp2_meta": run_fsdp2_meta,
+    }
     modes[mode](out, results)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the process group may be gone after an expected error
     (out / f"results_{mode}_rank{local_rank}.json").write_text(json.dumps(results, indent=2))

@@ -21,21 +21,13 @@ SEQ = 12
 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
+    return tiny_encoder(
+        "BertForSequenceClassification",
+        seed,
         num_labels=num_labels,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return BertForSequenceClassification(config).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
@@ -87,6 +79,25 @@ def with_biases(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
 
 TINY_MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def tiny_encoder(model_class: str, seed: int = 0, **config: Any) -> nn.Module:
+    """A tiny transformers encoder of ``model_class`` (e.g. "RobertaForSequenceClassification"), in eval mode;
+    ``config`` overrides the sizes."""
+    import transformers
+
+    family = next(f for f in ("Roberta", "Bert") if model_class.startswith(f))
+    torch.manual_seed(seed)
+    sizes = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    settings = getattr(transformers, f"{family}Config")(**{**sizes, **config})
+    return getattr(transformers, model_class)(settings).eval()
 
 
 def tiny_batch(kind: str, batch: int = 4, seq: int = SEQ, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -290,3 +301,18 @@ def generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int
     return model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0
     )
+
+
+def every_method() -> dict[str, Callable[[], Any]]:
+    """A small configuration of each of the 7 methods with default targets (BERT-sized tiny models)."""
+    from lightning_peft import IA3, Adapter, BitFit, DoRA, LoRA, PrefixTuning, PromptTuning
+
+    return {
+        "lora": lambda: LoRA(r=4),
+        "dora": lambda: DoRA(r=4),
+        "ia3": IA3,
+        "adapter": lambda: Adapter(bottleneck_size=4),
+        "prefix": lambda: PrefixTuning(num_virtual_tokens=4),
+        "prompt": lambda: PromptTuning(num_virtual_tokens=4),
+        "bitfit": BitFit,
+    }

@@ -129,42 +129,60 @@ def test_every_page_is_in_the_nav() -> None:
 
 
 def test_documented_default_targets() -> None:
-    # the default-target tables of docs/methods/{lora,ia3,adapters}.md; update them when this fails
+    # rows of the default-target tables of docs/methods/{lora,ia3,adapters}.md; update them when this fails
     from lightning_peft import hf_targets
+    from lightning_peft.hf_targets import BERT_FFN_OUT
     from lightning_peft.methods import adapter
 
-    llama_like = ("llama", "mistral", "qwen2")
-    assert hf_targets.LORA_TARGETS == {
-        "bert": ["query", "value"],
-        "roberta": ["query", "value"],
+    llama_like = ("llama", "mistral", "qwen2", "gemma", "gemma2", "granite", "olmo")
+    lora_rows = {
+        **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "albert"), ["query", "value"]),
         "distilbert": ["q_lin", "v_lin"],
-        "gpt2": ["c_attn"],
-        **{name: ["q_proj", "v_proj"] for name in llama_like},
+        "deberta-v2": ["query_proj", "value_proj"],
+        **dict.fromkeys(("gpt2", "gpt_bigcode"), ["c_attn"]),
+        **dict.fromkeys((*llama_like, "mixtral", "qwen2_moe", "qwen3"), ["q_proj", "v_proj"]),
+        "phi3": ["qkv_proj"],
+        **dict.fromkeys(("gpt_neox", "falcon", "bloom"), ["query_key_value"]),
+        **dict.fromkeys(
+            ("opt", "gptj", "gpt_neo", "phi", "bart", "mbart", "marian", "pegasus"), ["q_proj", "v_proj"]
+        ),
+        **dict.fromkeys(("t5", "mt5", "umt5", "longt5"), ["q", "v"]),
     }
-    assert (
-        set(hf_targets.IA3_TARGETS)
-        == set(hf_targets.IA3_FEEDFORWARD)
-        == {"bert", "roberta", "distilbert", "gpt2", *llama_like}
-    )
-    assert hf_targets.IA3_TARGETS["bert"][:2] == ["key", "value"]
-    assert hf_targets.IA3_TARGETS["distilbert"] == ["k_lin", "v_lin", "ffn.lin2"]
-    assert hf_targets.IA3_TARGETS["gpt2"] == ["c_attn", "mlp.c_proj"]
-    assert hf_targets.IA3_FEEDFORWARD["gpt2"] == ["mlp.c_proj"]
-    assert all(hf_targets.IA3_TARGETS[name] == ["k_proj", "v_proj", "down_proj"] for name in llama_like)
-    assert set(hf_targets.ADAPTER_PLACEMENT) == {
-        "bert",
-        "roberta",
-        "xlm-roberta",
-        "electra",
-        "distilbert",
-        "gpt2",
-        *llama_like,
+    assert {k: hf_targets.LORA_TARGETS[k] for k in lora_rows} == lora_rows
+    ia3_rows = {
+        "bert": (["key", "value", BERT_FFN_OUT], [BERT_FFN_OUT]),
+        "albert": (["key", "value", "ffn_output"], ["ffn_output"]),
+        "deberta-v2": (["key_proj", "value_proj", BERT_FFN_OUT], [BERT_FFN_OUT]),
+        "distilbert": (["k_lin", "v_lin", "ffn.lin2"], ["ffn.lin2"]),
+        "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+        **dict.fromkeys(llama_like, (["k_proj", "v_proj", "down_proj"], ["down_proj"])),
+        **dict.fromkeys(("mixtral", "qwen2_moe"), (["k_proj", "v_proj"], [])),
+        "phi3": (["qkv_proj", "down_proj"], ["down_proj"]),
+        **dict.fromkeys(
+            ("gpt_neox", "falcon", "bloom"), (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"])
+        ),
+        **dict.fromkeys(
+            ("opt", "bart", "mbart", "marian", "pegasus"), (["k_proj", "v_proj", "fc2"], ["fc2"])
+        ),
+        **dict.fromkeys(("t5", "mt5", "umt5"), (["k", "v", "wo"], ["wo"])),
     }
-    assert tuple(hf_targets.ADAPTER_PLACEMENT["gpt2"]) == ("attn.c_proj", "mlp.c_proj")
-    assert all(
-        tuple(hf_targets.ADAPTER_PLACEMENT[name]) == ("self_attn.o_proj", "mlp.down_proj")
-        for name in llama_like
-    )
+    for model_type, (targets, feedforward) in ia3_rows.items():
+        assert hf_targets.IA3_TARGETS[model_type] == targets, model_type
+        assert hf_targets.IA3_FEEDFORWARD[model_type] == feedforward, model_type
+    bert_like = (r"(.*\.)?attention\.output\.dense", r"(.*\.)?layer\.\d+\.output\.dense")
+    adapter_rows = {
+        **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "deberta-v2"), bert_like),
+        "albert": (r"(.*\.)?attention\.dense", r"(.*\.)?ffn_output"),
+        "distilbert": (r"(.*\.)?attention\.out_lin", r"(.*\.)?ffn\.lin2"),
+        "gpt2": ("attn.c_proj", "mlp.c_proj"),
+        **dict.fromkeys((*llama_like, "phi3"), ("self_attn.o_proj", "mlp.down_proj")),
+        "gpt_neox": ("attention.dense", "mlp.dense_4h_to_h"),
+        **dict.fromkeys(("falcon", "bloom"), ("self_attention.dense", "mlp.dense_4h_to_h")),
+        **dict.fromkeys(("opt", "bart", "mbart", "marian", "pegasus"), ("self_attn.out_proj", "fc2")),
+        **dict.fromkeys(("t5", "mt5", "umt5"), ("SelfAttention.o", "DenseReluDense.wo")),
+    }
+    assert {k: tuple(hf_targets.ADAPTER_PLACEMENT[k]) for k in adapter_rows} == adapter_rows
+    assert "mixtral" not in hf_targets.ADAPTER_PLACEMENT and "qwen2_moe" not in hf_targets.ADAPTER_PLACEMENT
     assert adapter.DEFAULT_REDUCTION_FACTOR == 16
     assert sorted(adapter.ACTIVATIONS) == sorted(
         ["relu", "gelu", "gelu_tanh", "silu", "swish", "tanh", "sigmoid", "leaky_relu"]

@@ -304,8 +304,10 @@ def test_peft_config_interop() -> None:
         }
     )
     assert method == DoRA(r=4, alpha=32.0, target_modules=["q"], bias="all")
-    with pytest.raises(ValueError, match=r"rank_pattern=\{'q': 2\} is not supported"):
-        DoRA.from_peft_config({"peft_type": "LORA", "use_dora": True, "rank_pattern": {"q": 2}})
+    patterned = DoRA.from_peft_config({"peft_type": "LORA", "use_dora": True, "rank_pattern": {"q": 2}})
+    assert patterned is not None and patterned.rank_pattern == {"q": 2}
+    with pytest.raises(ValueError, match=r"target_parameters=\['w'\] is not supported"):
+        DoRA.from_peft_config({"peft_type": "LORA", "use_dora": True, "target_parameters": ["w"]})
     # regexes and names peft cannot match become explicit module paths
     model = MODELS["bert"]()
     method = DoRA(r=2, target_modules=r".*layer\.0\.attention\.self\.(query|value)")

@@ -138,8 +138,11 @@ def test_adapter_file_for_another_model(tmp_path: Path) -> None:
     save_adapter(mlp, tmp_path)
     bert = tiny_bert()
     before = fingerprint(bert)
-    with pytest.raises(ValueError, match="matched no module"):
+    with pytest.raises(ValueError, match="saved on a different base model .*architecture MLP != Bert"):
         load_adapter(bert, tmp_path)
+    assert_unchanged(bert, before)
+    with pytest.raises(ValueError, match="matched no module"):
+        load_adapter(bert, tmp_path, allow_base_mismatch=True)
     assert_unchanged(bert, before)
     # a config that plans fine but whose tensors do not fit
     # our metadata in adapter_config.json takes precedence over the copy in the safetensors header

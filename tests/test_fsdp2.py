@@ -116,3 +116,19 @@ def test_fsdp2(tmp_path: Path) -> None:
     check_save_adapter_gathers_full_tensors(run)
     check_prefix_tuning_with_reentrant_checkpointing(run)
     check_attaching_after_fully_shard_is_refused(run)
+
+
+def test_fsdp2_meta_device_init_for_every_method(tmp_path: Path) -> None:
+    """ModelParallelStrategy builds the model on the meta device (configure_model), the mixin attaches before
+    fully_shard, Lightning materialises; at train start each adapter is at its init: LoRA, DoRA (magnitude
+    recomputed from the materialised base at on_fit_start), IA3, Adapter and BitFit give the outputs of the
+    same base weights without the adapter; prompts and prefixes hold finite values."""
+    results = run_script(tmp_path, "fsdp2_meta")
+    for rank_results in results:
+        assert set(rank_results) == {"lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit"}
+        for method, found in rank_results.items():
+            assert found["finite"] and not found["missing"], method
+            if method not in ("prefix", "prompt"):
+                assert found["max_diff"] < 1e-5, (method, found)
+        assert 0.8 < rank_results["prefix"]["std"][0] < 1.2
+        assert 0.2 < rank_results["prompt"]["std"][0] < 0.35  # U(-0.5, 0.5): std 0.29

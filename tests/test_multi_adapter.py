@@ -23,6 +23,7 @@ from lightning_peft import (
     PromptTuning,
     active_adapters,
     add_adapter,
+    combine_adapters,
     count_parameters,
     delete_adapter,
     disable_adapters,
@@ -240,3 +241,23 @@ def _in_adapter(module: nn.Module, name: str, adapter: str) -> bool:
     return getattr(owner, "adapter_name", None) == adapter and not name.split(".")[-1].startswith(
         "base_layer"
     )
+
+
+@pytest.mark.parametrize("how", ["linear", "cat"])
+def test_combine_named_adapters_into_a_new_one(how: str) -> None:
+    model = tiny_bert()
+    add_adapter(model, LoRA(r=2, target_modules=["query", "value"]), "a")
+    add_adapter(model, LoRA(r=3, alpha=5.0, use_rslora=True, target_modules=["query"]), "b")
+    perturb(model)
+    combine_adapters(model, ["a", "b"], [0.5, 0.8], "ab", how=how)
+    assert list_adapters(model) == ["a", "b", "ab"] and active_adapters(model) == ["a"]
+    for path in ("bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.value"):
+        deltas = {}
+        layer = model.get_submodule(path)
+        while getattr(layer, "is_peft_layer", False):
+            deltas[layer.adapter_name] = layer.delta_weight()
+            layer = layer.base_layer
+        expected = 0.5 * deltas["a"] + 0.8 * deltas.get("b", torch.zeros_like(deltas["a"]))
+        torch.testing.assert_close(deltas["ab"], expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="already loaded"):
+        combine_adapters(model, ["a", "b"], [1.0, 1.0], "ab")

@@ -82,12 +82,17 @@ def test_invalid_configuration(kwargs: dict[str, object], message: str) -> None:
         PrefixTuning(**kwargs)  # type: ignore[arg-type]
 
 
-def test_refuses_an_encoder_decoder_model_untouched() -> None:
+def test_refuses_an_encoder_decoder_model_whose_decoder_depth_differs_untouched() -> None:
+    """HF PEFT's encoder-decoder layout has one prefix layer per decoder layer (tests/test_encoder_decoder.py)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    config = T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    config = T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=2, num_heads=2
+    )
     model = T5ForConditionalGeneration(config)
-    with pytest.raises(ValueError, match="encoder-decoder"):
+    with pytest.raises(
+        ValueError, match="T5ForConditionalGeneration has 2 decoder layers but num_hidden_layers=1"
+    ):
         apply_peft(model, PrefixTuning())
     assert not any(True for _ in peft_layers(model)) and all(p.requires_grad for p in model.parameters())
 

@@ -11,6 +11,7 @@ from torch import nn
 from lightning_peft.distributed.ddp import _ddp_handles_unused
 from lightning_peft.distributed.strategies import _strategy_kind
 from lightning_peft.model import state_dict_key, trainable_parameter_names
+from lightning_peft.participation import check_method_gradients
 from lightning_peft.record import get_record
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,6 +28,7 @@ def check_gradients(module: nn.Module, trainer: pl.Trainer | None) -> None:
     missing = [n for n in trainable_parameter_names(module) if n in params and params[n].grad is None]
     if not missing:
         return
+    check_method_gradients(module, missing)  # a method without any gradient is an error, not a warning
     owners = sorted({state_dict_key(n).rsplit(".", 1)[0] for n in missing})
     listed = ", ".join(owners[:10]) + (f" and {len(owners) - 10} more" if len(owners) > 10 else "")
     fix = f"exclude them from the method (e.g. exclude_modules={owners[:3]!r}) or make the forward pass use them"

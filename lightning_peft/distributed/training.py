@@ -9,6 +9,7 @@ from torch import nn
 from lightning_peft.distributed.checkpointing import enable_input_grads
 from lightning_peft.distributed.ddp import _check_ddp_reentrant_sharing, _check_ddp_registration
 from lightning_peft.distributed.strategies import _strategy_kind
+from lightning_peft.participation import start_training
 from lightning_peft.record import ensure_record
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,3 +25,4 @@ def prepare_training(module: nn.Module, trainer: pl.Trainer | None) -> None:
         _check_ddp_reentrant_sharing(module, trainer)  # type: ignore[arg-type]
     # FSDP1 leaves .grad None on ranks that hold no shard of a tensor; other strategies: unknown semantics
     ensure_record(module).check_grads = kind in ("single", "ddp", "model_parallel")
+    start_training(module)  # base-dependent initial values, then watch the first forward (participation.py)

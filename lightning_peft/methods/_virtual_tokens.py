@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_peft.hf import base_model_name
+from lightning_peft.hf import base_model_name, pretrained_model_class
 from lightning_peft.hf import task_type_of as hf_task_type
 from lightning_peft.methods.base import PEFTLayer
 
@@ -30,27 +30,51 @@ from lightning_peft.methods.base import PEFTLayer
 CACHE_KEYS = ("cache", "past_key_values")
 
 
-def find_backbone(model: nn.Module, method: str) -> tuple[str, nn.Module, bool]:
-    """The module to wrap: ``(name, outer transformers model, whether the backbone is that model itself)``.
-
-    The outermost ``PreTrainedModel`` in ``model`` must be unique; its backbone is ``base_model`` (e.g.
-    ``bert`` of ``BertForSequenceClassification``). A backbone without a head is wrapped itself, which needs a
-    parent module to hold the wrapper.
-    """
+def find_outer(model: nn.Module, method: str) -> tuple[str, nn.Module]:
+    """``(name, module)`` of the base transformers model in ``model`` (:func:`lightning_peft.hf.base_model_name`)."""
     outer_name = base_model_name(model)  # raises when several transformers models are present
     if outer_name is None:
         raise ValueError(
             f"{method} adds virtual tokens to a transformers model, but {type(model).__name__} contains no "
             "transformers PreTrainedModel"
         )
-    outer_model = model.get_submodule(outer_name)
+    return outer_name, model.get_submodule(outer_name)
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def find_encoder_decoder(model: nn.Module, method: str) -> tuple[nn.Module, str, str]:
+    """``(outer model, encoder name, decoder name)`` of an encoder-decoder transformers model (T5, BART)."""
+    outer_name, outer = find_outer(model, method)
+    parts = []
+    for getter in ("get_encoder", "get_decoder"):
+        get = getattr(outer, getter, None)
+        sub = get() if callable(get) else None
+        names = [n for n, m in outer.named_modules() if m is sub and n]
+        if not names:
+            raise ValueError(f"{method}: cannot find the {getter[4:]} of {type(outer).__name__}")
+        parts.append(f"{outer_name}.{names[0]}" if outer_name else names[0])
+    return outer, parts[0], parts[1]
+
+
+def find_backbone(model: nn.Module, method: str) -> tuple[str, nn.Module, bool]:
+    """The module to wrap: ``(name, outer transformers model, whether the backbone is that model itself)``.
+
+    The outermost ``PreTrainedModel`` in ``model`` must be unique; its backbone is ``base_model`` (e.g.
+    ``bert`` of ``BertForSequenceClassification``), or the innermost transformers model inside it that every
+    forward path reaches (:func:`innermost_backbone`). A backbone without a head is wrapped itself, which needs
+    a parent module to hold the wrapper.
+    """
+    outer_name, outer_model = find_outer(model, method)
     config = getattr(outer_model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(
-            f"{method} supports encoder-only and decoder-only models; {type(outer_model).__name__} is an "
+            f"{method} supports encoder-only and decoder-only models here; {type(outer_model).__name__} is an "
             "encoder-decoder model"
         )
-    backbone = getattr(outer_model, "base_model", outer_model)
+    backbone = innermost_backbone(getattr(outer_model, "base_model", outer_model))
     if backbone is outer_model:
         if not outer_name:
             raise ValueError(
@@ -61,6 +85,41 @@ def find_backbone(model: nn.Module, method: str) -> tuple[str, nn.Module, bool]:
         return outer_name, outer_model, True
     name = next(n for n, m in outer_model.named_modules() if m is backbone)
     return f"{outer_name}.{name}" if outer_name else name, outer_model, False
+
+
+def _embeddings_of(module: nn.Module) -> nn.Module | None:
+    get = getattr(module, "get_input_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except NotImplementedError:
+        return None
+
+
+def innermost_backbone(backbone: nn.Module) -> nn.Module:
+    """The innermost transformers model inside ``backbone`` that receives the token inputs.
+
+    Some task models bypass their ``base_model``: ``OPTForCausalLM.forward`` calls ``self.model.decoder``
+    directly, not ``self.model``, so a wrapper around ``OPTModel`` would never run. The module that every
+    path reaches is the innermost one that owns the input embedding and takes ``input_ids``/``inputs_embeds``
+    (``OPTDecoder``); it is found by descending while exactly one such transformers model sits inside.
+    """
+    pretrained = pretrained_model_class()
+    while pretrained is not None:
+        embeddings = _embeddings_of(backbone)
+        inner = [
+            (n, m)
+            for n, m in backbone.named_modules()
+            if n
+            and isinstance(m, pretrained)
+            and embeddings is not None
+            and _embeddings_of(m) is embeddings
+            and {"input_ids", "inputs_embeds"} <= set(forward_parameters(m))
+        ]
+        outermost = [(n, m) for n, m in inner if not any(n.startswith(o + ".") for o, _ in inner if o != n)]
+        if len(outermost) != 1:
+            return backbone
+        backbone = outermost[0][1]
+    return backbone
 
 
 def forward_parameters(module: nn.Module) -> list[str]:
@@ -192,3 +251,20 @@ class VirtualTokenLayer(PEFTLayer):
 
     def extra_repr(self) -> str:
         return f"num_virtual_tokens={self.num_virtual_tokens}"
+
+
+class EncoderMaskLayer(VirtualTokenLayer):
+    """Wraps the decoder of an encoder-decoder model whose encoder reads ``P`` extra (virtual) tokens: the
+    cross-attention mask the task model hands the decoder covers the real tokens only, so ``P`` leading ones
+    are added when the encoder states are ``P`` longer than it. No parameters of its own."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = self.bind(args, kwargs)
+        states, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
+        if (
+            states is not None
+            and mask is not None
+            and mask.shape[-1] + self.num_virtual_tokens == states.shape[1]
+        ):
+            kwargs["encoder_attention_mask"] = prepend_ones(mask, self.num_virtual_tokens)
+        return self.base_layer(**kwargs)

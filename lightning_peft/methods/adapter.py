@@ -26,11 +26,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.hf import model_type_of
+from lightning_peft.hf import model_description, model_type_of
 from lightning_peft.hf_targets import ADAPTER_PLACEMENT
 from lightning_peft.methods.base import (
+    AdapterLinear,
     PEFTLayer,
     PEFTMethod,
+    ZeroLinear,
     _as_str_list,
     check_choice,
     check_positive_int,
@@ -113,11 +115,9 @@ class BottleneckAdapterLayer(PEFTLayer):
             # quantised base weights: keep the adapter in the default float dtype
             if weight.is_floating_point():
                 factory["dtype"] = weight.dtype
-        self.adapter_down = nn.Linear(features, bottleneck_size, **factory)
+        self.adapter_down = AdapterLinear(features, bottleneck_size, **factory)
         self.adapter_act = ACTIVATIONS[activation]()
-        self.adapter_up = nn.Linear(bottleneck_size, features, **factory)
-        nn.init.zeros_(self.adapter_up.weight)
-        nn.init.zeros_(self.adapter_up.bias)
+        self.adapter_up = ZeroLinear(bottleneck_size, features, **factory)
 
     def adapter_delta(self, h: torch.Tensor) -> torch.Tensor:
         """W_up · act(W_down · h + b_down) + b_up."""
@@ -207,9 +207,10 @@ class Adapter(PEFTMethod):
         model_type = model_type_of(model)
         if model_type not in ADAPTER_PLACEMENT:
             raise ValueError(
-                f"target_modules=None: Adapter has no default placement for model_type={model_type!r}; pass "
-                f"target_modules naming the projections after which adapters go (e.g. the attention output "
-                f"and feed-forward output layers). Known defaults: {sorted(ADAPTER_PLACEMENT)}"
+                f"target_modules=None: Adapter on {model_description(model)} has no default placement for "
+                f"model_type={model_type!r}; pass target_modules naming the projections after which adapters "
+                "go (e.g. the attention output and feed-forward output layers). "
+                f"{len(ADAPTER_PLACEMENT)} model types have defaults, listed in lightning_peft/hf_targets.py"
             )
         attention_out, ffn_out = ADAPTER_PLACEMENT[model_type]
         return [attention_out, ffn_out] if self.placement == "houlsby" else [ffn_out]

@@ -17,6 +17,7 @@ registration line in :mod:`lightning_peft.methods`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -32,8 +33,9 @@ from lightning_peft.targeting import ModuleTargets
 DEFAULT_ADAPTER_NAME = "default"
 #: per-sample adapter names of the forward pass in progress (``model(..., adapter_names=[...])``), or None
 ADAPTER_ROUTING: ContextVar[list[str] | None] = ContextVar("lightning_peft_adapter_routing", default=None)
-#: attributes of the wrapped layer that a wrapper exposes as its own
-WRAPPED_ATTRIBUTES = frozenset({"weight", "bias", "in_features", "out_features"})
+#: attributes of the wrapped layer that a wrapper exposes as its own: transformers code reads them on the module
+#: it holds (T5's feed-forward reads ``self.wo.weight.dtype``, other models ``.bias``, ``.in_features``)
+WRAPPED_ATTRIBUTES = frozenset({"weight", "bias", "in_features", "out_features", "dtype", "device"})
 
 #: a merge factor this close to zero cannot be divided out exactly; layers then keep a copy of the base weight
 EXACT_UNMERGE_EPS = 1e-4
@@ -59,6 +61,10 @@ class PEFTLayer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.merged = False
+        #: whether the layer's initial value depends on base weights that may still change before training
+        #: (meta-device materialisation, base weights loaded after attaching): :meth:`init_from_base` then
+        #: runs once more at the start of training. Cleared by that, and by loading the adapter's tensors.
+        self.init_pending = False
         #: the named adapter this layer belongs to, and whether it runs in ``forward``
         self.adapter_name = DEFAULT_ADAPTER_NAME
         self.active = True
@@ -98,11 +104,35 @@ class PEFTLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            # code that inspects the wrapped layer (``layer.weight.dtype``, ``in_features``) keeps working
-            modules = self.__dict__.get("_modules", {})
-            if name in WRAPPED_ATTRIBUTES and "base_layer" in modules:
-                return getattr(modules["base_layer"], name)
-            raise
+            if name not in WRAPPED_ATTRIBUTES:
+                raise
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None:
+                raise
+            if name in ("dtype", "device") and not hasattr(base, name):
+                tensor = getattr(base, "weight", None)
+                if not isinstance(tensor, torch.Tensor):
+                    tensor = next(base.parameters(), None)
+                if tensor is None:
+                    raise
+                return getattr(tensor, name)
+            return getattr(base, name)
+
+    def reset_parameters(self) -> None:
+        """Put the adapter's own parameters at their documented initial value (Lightning calls this on every
+        module after materialising a meta-device model). Layers with parameters override it."""
+
+    def init_from_base(self) -> None:
+        """Recompute the parts of the initial value that depend on the base weights (see ``init_pending``)."""
+        self.init_pending = False
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # loading the adapter's own tensors replaces the initial value: nothing to recompute any more
+        if any(prefix + local in state_dict for local in self.peft_parameter_names() if "." not in local):
+            self.init_pending = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def peft_parameter_names(self) -> list[str]:
         """Local names of the parameters that belong to the adapter (trained and saved)."""
@@ -136,6 +166,43 @@ class PEFTLayer(nn.Module):
         ``None`` means "remove this layer" (used by layers that are extra children, not wrappers).
         """
         raise TypeError(f"{type(self).__name__} cannot be unloaded from the model")
+
+
+def kaiming_uniform_(tensor: torch.Tensor, fan_in: int) -> None:
+    """``torch.nn.init.kaiming_uniform_(tensor, a=√5)`` (nn.Linear's default) written with tensor methods:
+    ``Trainer.init_module(empty_init=True)`` turns ``torch.nn.init`` into no-ops, but a new adapter is never
+    loaded from the base checkpoint, so it must always be initialised. Same bound, same random draws."""
+    if tensor.device.type == "meta":
+        return
+    a = math.sqrt(5)
+    std = math.sqrt(2.0 / (1 + a**2)) / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    bound = math.sqrt(3.0) * std
+    with torch.no_grad():
+        tensor.uniform_(-bound, bound)
+
+
+class AdapterLinear(nn.Linear):
+    """An ``nn.Linear`` owned by an adapter: initialised like ``nn.Linear`` also under ``empty_init``."""
+
+    def reset_parameters(self) -> None:
+        kaiming_uniform_(self.weight, self.in_features)
+        if self.bias is not None and self.bias.device.type != "meta":
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            with torch.no_grad():
+                self.bias.uniform_(-bound, bound)
+
+
+class ZeroLinear(nn.Linear):
+    """An ``nn.Linear`` that starts, and on ``reset_parameters`` restarts, at zero (an adapter's last layer,
+    so that the adapter is the identity at init, also after meta-device materialisation)."""
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type == "meta":
+            return
+        with torch.no_grad():
+            self.weight.zero_()
+            if self.bias is not None:
+                self.bias.zero_()
 
 
 @dataclass(kw_only=True)

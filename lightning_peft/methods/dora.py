@@ -65,10 +65,19 @@ class DoRALinear(LoRALinear):
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.reset_magnitude()
 
-    def reset_lora_parameters(self) -> None:
-        super().reset_lora_parameters()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
         if "lora_magnitude_vector" in self._parameters:  # LoRALinear.__init__ calls this before m exists
             self.reset_magnitude()
+        # m depends on W, which may change before training: Lightning materialises a meta-device model by
+        # resetting this layer *before* its base layer, and FSDP flows load the base weights afterwards
+        self.init_pending = True
+
+    def init_from_base(self) -> None:
+        """m ← ‖W + s·B A‖ of the base weights as they are now (called once at the start of training while
+        the magnitude has been neither trained nor loaded)."""
+        self.reset_magnitude()
+        super().init_from_base()
 
     def reset_magnitude(self) -> None:
         """m ← ‖W + s·B A‖ (= ‖W‖ while B is zero), so that W' = W."""

@@ -27,17 +27,14 @@ from lightning_peft.hf import default_targets, model_type_of
 from lightning_peft.hf_targets import IA3_FEEDFORWARD, IA3_TARGETS
 from lightning_peft.methods.base import EXACT_UNMERGE_EPS, PEFTLayer, PEFTMethod, _as_str_list
 from lightning_peft.methods.lora import is_lora_target
+from lightning_peft.methods.lora_patterns import inside_modules_to_save
 from lightning_peft.methods.peft_interop import (
-    check_supported_peft_options,
     modules_to_save_from_peft,
     peft_common_config,
     peft_module_list,
 )
 from lightning_peft.methods.registry import register_method
 from lightning_peft.targeting import ModuleTargets, find_targets, linear_dims, matches_any, wrap_target
-
-#: HF PEFT IA3 options lightning-peft does not implement, with the value that means "off"
-UNSUPPORTED_IA3_OPTIONS: dict[str, Any] = {"init_ia3_weights": True}
 
 
 class IA3Layer(PEFTLayer):
@@ -62,6 +59,12 @@ class IA3Layer(PEFTLayer):
         # a copy of the base weight/bias, kept by merge() only when l has (near) zeros that cannot be divided out
         self.register_buffer("_unmerged_weight", None, persistent=False)
         self.register_buffer("_unmerged_bias", None, persistent=False)
+
+    def reset_parameters(self) -> None:
+        """l = 1: the identity."""
+        if self.ia3_l.device.type != "meta":
+            with torch.no_grad():
+                self.ia3_l.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -121,6 +124,8 @@ class IA3(PEFTMethod):
     feed-forward targets, with ``l`` a trained vector initialised to ones."""
 
     method_name: ClassVar[str] = "ia3"
+    #: the layers this method puts into a model (the participation check finds them by type)
+    layer_types: ClassVar[tuple[type, ...]] = (IA3Layer,)
     mergeable: ClassVar[bool] = True
 
     target_modules: list[str] | str | None = None
@@ -174,6 +179,7 @@ class IA3(PEFTMethod):
             self.exclude_modules,
             supported=is_lora_target,
             method=type(self).__name__,
+            skip=lambda name, _module: inside_modules_to_save(name, self.modules_to_save),
         )
         self.feedforward_targets(model, targets)
         return targets
@@ -214,7 +220,7 @@ class IA3(PEFTMethod):
     def from_peft_config(cls, config: dict[str, Any]) -> PEFTMethod | None:
         if config.get("peft_type") != "IA3":
             return None
-        check_supported_peft_options(config, UNSUPPORTED_IA3_OPTIONS)
+        # init_ia3_weights only says where training started (ones, or random): it never blocks a load
         return cls(
             target_modules=config.get("target_modules"),
             feedforward_modules=config.get("feedforward_modules") or [],

@@ -4,7 +4,7 @@ PEFT's (so ``PeftModel.from_pretrained`` loads our folders) and PEFT's read as o
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -25,15 +25,36 @@ TASK_HEADS = {
 }
 #: HF PEFT LoRA options lightning-peft does not implement, with the value that means "off"
 UNSUPPORTED_LORA_OPTIONS: dict[str, Any] = {
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "layers_to_transform": None,
-    "layers_pattern": None,
-    "lora_bias": False,
     "target_parameters": None,
     "trainable_token_indices": None,
     "layer_replication": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "monteclora_config": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
 }
+#: init_lora_weights values that also rewrite the base weights (W_res = W − s·B₀A₀, or a quantised W): the saved
+#: A, B only mean something on that modified base. Every other value (True, False, "gaussian", "eva",
+#: "orthogonal", "mica") describes only where training started, so it never blocks a load.
+BASE_CHANGING_LORA_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+#: peft_type values lightning-peft reads, with the method each becomes
+SUPPORTED_PEFT_TYPES = {
+    "LORA": "LoRA (DoRA with use_dora=true)",
+    "IA3": "IA3",
+    "PROMPT_TUNING": "PromptTuning",
+    "PREFIX_TUNING": "PrefixTuning",
+}
+
+
+def unsupported_peft_type(config: dict[str, Any], source: str) -> ValueError:
+    """The error for an adapter_config.json that no lightning-peft method reads."""
+    supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_PEFT_TYPES.items())
+    return ValueError(
+        f"{source}: peft_type={config.get('peft_type')!r} is not supported by lightning-peft; supported "
+        f"peft_type values: {supported}"
+    )
 
 
 def _transformers_root(model: nn.Module) -> tuple[nn.Module, str]:
@@ -62,13 +83,15 @@ def peft_module_list(
     wrapped: list[str],
     patterns: list[str] | str | None,
     exclude: list[str] | str | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> tuple[list[str], list[str] | None]:
     """``target_modules``/``exclude_modules`` for adapter_config.json that make HF PEFT wrap exactly ``wrapped``
     (module names in ``model``).
 
     The user's lists are kept when PEFT's matching rule selects the same modules; otherwise (regexes,
     ``"all-linear"``, default patterns, names relative to a LightningModule) the explicit module paths are
-    written, which PEFT matches exactly.
+    written, which PEFT matches exactly. ``keep`` mirrors PEFT's ``layers_to_transform`` filter, which PEFT
+    applies to suffix matches (not to exact names) of a list.
     """
     root, prefix = _transformers_root(model)
     rel = sorted(r for r in (_relative(n, prefix) for n in wrapped) if r is not None)
@@ -77,7 +100,11 @@ def peft_module_list(
         # names of the model as PEFT would see it before wrapping: nothing below an adapter layer
         names = [n for n, _ in root.named_modules() if n and not any(n.startswith(p + ".") for p in layers)]
         chosen = [
-            n for n in names if _peft_list_match(n, patterns) and not _peft_list_match(n, exclude or [])
+            n
+            for n in names
+            if _peft_list_match(n, patterns)
+            and not _peft_list_match(n, exclude or [])
+            and (keep is None or n in patterns or keep(n))
         ]
         if sorted(chosen) == rel:
             return list(patterns), (list(exclude) if exclude is not None else None)
@@ -111,10 +138,15 @@ def has_conv1d_layers(model: nn.Module, layer_type: type[nn.Module]) -> bool:
 
 def lora_peft_config(method: LoRA, model: nn.Module, use_dora: bool) -> dict[str, Any]:
     """HF PEFT ``LoraConfig`` fields equivalent to ``method`` (a :class:`LoRA` or :class:`DoRA`) on ``model``."""
+    from lightning_peft.methods.lora_patterns import in_layers
+
     wrapped = [n for n, m in model.named_modules() if type(m) is method.layer_class]
+    layers, pattern = method.layers_to_transform, method.layers_pattern
+    keep = None if layers is None else (lambda name: in_layers(name, layers, pattern))
     targets, exclude = peft_module_list(
-        model, wrapped, method.resolved_targets(model), method.exclude_modules
+        model, wrapped, method.resolved_targets(model), method.exclude_modules, keep=keep
     )
+    explicit = targets != method.resolved_targets(model)  # module paths: the block filter is already in them
     return {
         **peft_common_config(model, "LORA"),
         "r": method.r,
@@ -127,6 +159,12 @@ def lora_peft_config(method: LoRA, model: nn.Module, use_dora: bool) -> dict[str
         "use_dora": use_dora,
         "fan_in_fan_out": has_conv1d_layers(model, method.layer_class),
         "init_lora_weights": True,
+        # HF PEFT matches these keys by the same rule on the same (transformers-relative) names
+        "rank_pattern": dict(method.rank_pattern),
+        "alpha_pattern": dict(method.alpha_pattern),
+        "layers_to_transform": None if explicit else layers,
+        "layers_pattern": None if explicit else pattern,
+        "lora_bias": method.lora_bias,
     }
 
 
@@ -149,9 +187,21 @@ def check_supported_peft_options(config: dict[str, Any], options: dict[str, Any]
             )
 
 
+def check_lora_init(config: dict[str, Any]) -> None:
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_LORA_INITS):
+        raise ValueError(
+            f"adapter_config.json: init_lora_weights={init!r} means the adapter was trained on a base model whose "
+            "weights that initialisation rewrote, so its A and B do not apply to the original base. Convert it to a "
+            "plain LoRA adapter first (HF PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+
+
 def lora_kwargs_from_peft_config(config: dict[str, Any]) -> dict[str, Any]:
-    """:class:`LoRA`/:class:`DoRA` keyword arguments from an HF PEFT LoRA ``adapter_config.json``."""
+    """:class:`LoRA`/:class:`DoRA` keyword arguments from an HF PEFT LoRA ``adapter_config.json``. Options that
+    only describe the initial values (``init_lora_weights``, ``inference_mode``, ...) are ignored."""
     check_supported_peft_options(config, UNSUPPORTED_LORA_OPTIONS)
+    check_lora_init(config)
     return {
         "r": config.get("r", 8),
         "alpha": float(config.get("lora_alpha", 8)),
@@ -161,4 +211,11 @@ def lora_kwargs_from_peft_config(config: dict[str, Any]) -> dict[str, Any]:
         "modules_to_save": modules_to_save_from_peft(config.get("modules_to_save")),
         "bias": config.get("bias", "none"),
         "use_rslora": bool(config.get("use_rslora", False)),
+        "rank_pattern": dict(config.get("rank_pattern") or {}),
+        "alpha_pattern": dict(config.get("alpha_pattern") or {}),
+        "layers_to_transform": config.get("layers_to_transform"),
+        "layers_pattern": config.get("layers_pattern")
+        if config.get("layers_to_transform") is not None
+        else None,
+        "lora_bias": bool(config.get("lora_bias", False)),
     }

@@ -32,20 +32,25 @@ import torch
 from torch import nn
 
 from lightning_peft.methods._prefix_cache import has_hooks, install_hooks, make_read_only, remove_hooks
+from lightning_peft.methods._prefix_interface import InterfacePrefix, uses_attention_interface
+from lightning_peft.methods._prefix_seq2seq import NO_CACHE, EncoderDecoderPrefix
 from lightning_peft.methods._virtual_tokens import (
     VirtualTokenLayer,
     cache_keyword,
     find_backbone,
+    find_encoder_decoder,
+    find_outer,
     input_embedding_weight,
+    is_encoder_decoder,
     prepend_ones,
     require_inputs,
     task_type_of,
 )
-from lightning_peft.methods.base import PEFTMethod, check_positive_int
+from lightning_peft.methods.base import AdapterLinear, PEFTMethod, check_positive_int
+from lightning_peft.methods.peft_interop import modules_to_save_from_peft
 from lightning_peft.methods.registry import register_method
 from lightning_peft.targeting import ModuleTargets, replace_module
 
-NO_CACHE = "the model did not use its key/value cache, which carries the prefix"
 NO_HOOK = (
     "the model dropped the key/value cache that carries the prefix (transformers does so inside "
     "gradient-checkpointed layers), and lightning-peft found no self-attention modules with a layer_idx and a "
@@ -78,8 +83,10 @@ def kv_geometry(config: Any, method: str) -> KVGeometry:
         raise ValueError(
             f"{method} needs num_hidden_layers, num_attention_heads and hidden_size in the model config: {error}"
         ) from error
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_kv_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or getattr(text, "d_kv", None) or hidden // heads  # T5: d_kv
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        kv_heads = 1  # Falcon's original layout: one key/value head shared by all query heads
     return KVGeometry(layers, int(kv_heads), int(head_dim), hidden)
 
 
@@ -109,15 +116,26 @@ class PrefixLayer(VirtualTokenLayer):
         if prefix_projection:
             self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, geometry.hidden_size, **factory))
             self.transform = nn.Sequential(
-                nn.Linear(geometry.hidden_size, encoder_hidden_size, **factory),
+                AdapterLinear(geometry.hidden_size, encoder_hidden_size, **factory),
                 nn.Tanh(),
-                nn.Linear(encoder_hidden_size, width, **factory),
+                AdapterLinear(encoder_hidden_size, width, **factory),
             )
         else:
             self.prompt_embeddings = nn.Parameter(torch.randn(num_virtual_tokens, width, **factory))
         # attention layers that received the prefix from the read-only cache in the current forward
         self.layers_used: set[int] = set()
-        install_hooks(self, base_layer, geometry.layers)
+        self.install()
+
+    def install(self) -> None:
+        """Hook the self-attention modules (see :mod:`lightning_peft.methods._prefix_cache`)."""
+        install_hooks(self, self.base_layer, self.geometry.layers)
+
+    def reset_parameters(self) -> None:
+        """N(0, 1) prefixes (or MLP inputs), like an ``nn.Embedding``."""
+        param = self.embedding if self.prefix_projection else self.prompt_embeddings
+        if param.device.type != "meta":
+            with torch.no_grad():
+                param.normal_()
 
     def prefix_matrix(self) -> torch.Tensor:
         """Θ, shape (P, L·2·d_kv): the plain prefixes (through the MLP with ``prefix_projection``)."""
@@ -215,6 +233,16 @@ class PrefixLayer(VirtualTokenLayer):
         )
 
 
+class EncoderDecoderPrefixLayer(EncoderDecoderPrefix, PrefixLayer):
+    """Prefix tuning on the decoder of an encoder-decoder model, in HF PEFT's layout
+    (:mod:`lightning_peft.methods._prefix_seq2seq`)."""
+
+
+class InterfacePrefixLayer(InterfacePrefix, PrefixLayer):
+    """Prefix tuning through the attention interface, for encoders without a key/value cache
+    (:mod:`lightning_peft.methods._prefix_interface`)."""
+
+
 @register_method
 @dataclass
 class PrefixTuning(PEFTMethod):
@@ -222,6 +250,8 @@ class PrefixTuning(PEFTMethod):
     layer, ``softmax(Q [K^p; K]^T / √d) [V^p; V]``, optionally reparameterised by an MLP. Not mergeable."""
 
     method_name: ClassVar[str] = "prefix"
+    #: the layers this method puts into a model (the participation check finds them by type)
+    layer_types: ClassVar[tuple[type, ...]] = (PrefixLayer, EncoderDecoderPrefixLayer, InterfacePrefixLayer)
 
     num_virtual_tokens: int = 20
     """Number P of prefix positions in every attention layer (a positive integer)."""
@@ -230,6 +260,9 @@ class PrefixTuning(PEFTMethod):
     the folded Θ only."""
     encoder_hidden_size: int = 512
     """Hidden width of the reparameterisation MLP (used with prefix_projection)."""
+    cross_attention_prefix: bool = False
+    """Encoder-decoder models only: also give the decoder's cross-attention the prefix blocks that HF PEFT's
+    layout reserves for it (HF PEFT itself leaves them unused, so outputs then differ from HF PEFT's)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter, e.g. ["classifier"] for a new head."""
 
@@ -237,31 +270,52 @@ class PrefixTuning(PEFTMethod):
         super().__post_init__()
         check_positive_int(self.num_virtual_tokens, "num_virtual_tokens")
         check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
-        if not isinstance(self.prefix_projection, bool):
-            raise ValueError(f"prefix_projection must be true or false, got {self.prefix_projection!r}")
+        for argument in ("prefix_projection", "cross_attention_prefix"):
+            if not isinstance(getattr(self, argument), bool):
+                raise ValueError(f"{argument} must be true or false, got {getattr(self, argument)!r}")
+
+    def wrapped(self, model: nn.Module) -> tuple[str, nn.Module, bool, bool]:
+        """(module to wrap, outer transformers model, whether it is the outer model, encoder-decoder)."""
+        _, outer = find_outer(model, type(self).__name__)
+        if is_encoder_decoder(outer):
+            _, _, decoder = find_encoder_decoder(model, type(self).__name__)
+            return decoder, outer, False, True
+        name, outer, wraps_outer = find_backbone(model, type(self).__name__)
+        return name, outer, wraps_outer, False
 
     def plan(self, model: nn.Module) -> ModuleTargets:
-        name, outer, _ = find_backbone(model, type(self).__name__)
+        name, outer, _, seq2seq = self.wrapped(model)
         backbone = model.get_submodule(name)
         require_inputs(backbone, ("attention_mask",), type(self).__name__)
         input_embedding_weight(backbone, type(self).__name__)
-        if cache_keyword(backbone) is None:
+        if cache_keyword(backbone) is None and not uses_attention_interface(backbone):
             raise ValueError(
                 f"{type(self).__name__}: {type(backbone).__name__}.forward takes no key/value cache, which prefix "
-                "tuning uses to add the prefixes"
+                "tuning uses to add the prefixes, and its attention does not use transformers' attention "
+                "interface, the other way in"
             )
         geometry = kv_geometry(outer.config, type(self).__name__)
         if geometry.kv_dim <= 0 or geometry.layers <= 0:
             raise ValueError(
                 f"{type(self).__name__}: cannot read the attention layout of {type(outer).__name__}"
             )
+        decoder_layers = getattr(outer.config, "num_decoder_layers", None) or getattr(
+            outer.config, "decoder_layers", None
+        )
+        if seq2seq and decoder_layers is not None and int(decoder_layers) != geometry.layers:
+            raise ValueError(
+                f"{type(self).__name__}: {type(outer).__name__} has {decoder_layers} decoder layers but "
+                f"num_hidden_layers={geometry.layers}; HF PEFT's encoder-decoder prefix layout (one prefix layer "
+                "per decoder layer) needs them equal"
+            )
         return [name]
 
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
-        name, outer, wraps_outer = find_backbone(model, type(self).__name__)
+        name, outer, wraps_outer, seq2seq = self.wrapped(model)
         backbone = model.get_submodule(name)
         geometry = kv_geometry(outer.config, type(self).__name__)
-        layer = PrefixLayer(
+        cls = PrefixLayer if cache_keyword(backbone) is not None else InterfacePrefixLayer
+        layer = (EncoderDecoderPrefixLayer if seq2seq else cls)(
             backbone,
             self.num_virtual_tokens,
             geometry,
@@ -269,6 +323,8 @@ class PrefixTuning(PEFTMethod):
             self.encoder_hidden_size,
             wraps_outer,
         )
+        if seq2seq:
+            layer.cross_attention_prefix = self.cross_attention_prefix
         replace_module(model, name, layer)
 
     def saved_config(self) -> PrefixTuning:
@@ -277,14 +333,14 @@ class PrefixTuning(PEFTMethod):
 
     # -- HF PEFT interop ------------------------------------------------------------------------------
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
-        _, outer, _ = find_backbone(model, type(self).__name__)
+        _, outer, _, seq2seq = self.wrapped(model)
         geometry = kv_geometry(outer.config, type(self).__name__)
         return {
             "peft_type": "PREFIX_TUNING",
             "task_type": task_type_of(outer),
             "num_virtual_tokens": self.num_virtual_tokens,
             "token_dim": geometry.kv_dim,
-            "num_transformer_submodules": 1,
+            "num_transformer_submodules": 2 if seq2seq else 1,
             "num_attention_heads": geometry.kv_heads,
             "num_layers": geometry.layers,
             "encoder_hidden_size": self.encoder_hidden_size,
@@ -302,5 +358,5 @@ class PrefixTuning(PEFTMethod):
         return cls(
             num_virtual_tokens=int(config["num_virtual_tokens"]),
             encoder_hidden_size=int(config.get("encoder_hidden_size") or 512),
-            modules_to_save=list(dict.fromkeys(config.get("modules_to_save") or [])),
+            modules_to_save=modules_to_save_from_peft(config.get("modules_to_save")),
         )

@@ -27,14 +27,19 @@ import torch
 from torch import nn
 
 from lightning_peft.methods._virtual_tokens import (
+    EncoderMaskLayer,
     VirtualTokenLayer,
     find_backbone,
+    find_encoder_decoder,
+    find_outer,
     input_embedding_weight,
+    is_encoder_decoder,
     prepend_ones,
     require_inputs,
     task_type_of,
 )
 from lightning_peft.methods.base import PEFTMethod, check_choice, check_positive_int
+from lightning_peft.methods.peft_interop import modules_to_save_from_peft
 from lightning_peft.methods.registry import register_method
 from lightning_peft.targeting import ModuleTargets, replace_module
 
@@ -48,9 +53,41 @@ class PromptEmbedding(VirtualTokenLayer):
 
     peft_names: ClassVar[dict[str, str]] = {"prompt_embeddings": "prompt_embeddings"}
 
-    def __init__(self, base_layer: nn.Module, prompt: torch.Tensor, wraps_outer: bool) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        prompt: torch.Tensor,
+        wraps_outer: bool,
+        rows: list[int] | None = None,
+        keep_virtual: bool = False,
+    ) -> None:
         super().__init__(base_layer, int(prompt.shape[0]), wraps_outer)
+        #: keep the soft tokens' hidden states (an encoder-decoder's encoder: the decoder attends to them)
+        self.keep_virtual = keep_virtual
         self.prompt_embeddings = nn.Parameter(prompt)
+        #: vocabulary rows the prompt starts from (init="vocab"/"text"), or None for the uniform init
+        self.init_rows = rows
+        # rows of the vocabulary depend on base weights that may be loaded after attaching
+        self.init_pending = rows is not None
+
+    def reset_parameters(self) -> None:
+        """U(-0.5, 0.5), or the chosen vocabulary rows (again at the start of training: see init_pending)."""
+        if self.prompt_embeddings.device.type == "meta":
+            return
+        if self.init_rows is None:
+            with torch.no_grad():
+                self.prompt_embeddings.uniform_(-RANDOM_RANGE, RANDOM_RANGE)
+            return
+        self.init_from_base()
+        self.init_pending = True
+
+    def init_from_base(self) -> None:
+        if self.init_rows is not None:
+            weight = self.base_layer.get_input_embeddings().weight
+            rows = torch.tensor(self.init_rows, device=weight.device)
+            with torch.no_grad():
+                self.prompt_embeddings.copy_(weight.detach()[rows].to(self.prompt_embeddings.dtype))
+        super().init_from_base()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = self.bind(args, kwargs)
@@ -82,7 +119,7 @@ class PromptEmbedding(VirtualTokenLayer):
         if cache is not None:
             kwargs[self._cache_key] = cache
         output = self.base_layer(**kwargs)
-        return drop_virtual_positions(output, p) if first else output
+        return drop_virtual_positions(output, p) if first and not self.keep_virtual else output
 
 
 def drop_virtual_positions(output: Any, count: int) -> Any:
@@ -103,6 +140,8 @@ class PromptTuning(PEFTMethod):
     prepended to the input embeddings of a frozen transformers model. Not mergeable."""
 
     method_name: ClassVar[str] = "prompt"
+    #: the layers this method puts into a model (the participation check finds them by type)
+    layer_types: ClassVar[tuple[type, ...]] = (PromptEmbedding, EncoderMaskLayer)
 
     num_virtual_tokens: int = 20
     """Number P of soft tokens put before every input (a positive integer)."""
@@ -137,13 +176,24 @@ class PromptTuning(PEFTMethod):
             raise ValueError(f"init_text is only used with init='text', but init={self.init!r}")
 
     def plan(self, model: nn.Module) -> ModuleTargets:
-        name, _, _ = find_backbone(model, type(self).__name__)
+        name, decoder = self.wrapped(model)
         backbone = model.get_submodule(name)
         require_inputs(backbone, ("input_ids", "inputs_embeds", "attention_mask"), type(self).__name__)
         weight = input_embedding_weight(backbone, type(self).__name__)
         if self.init == "text":
             self.text_token_ids(int(weight.shape[0]))
-        return [name]
+        return [name] if decoder is None else [name, decoder]
+
+    def wrapped(self, model: nn.Module) -> tuple[str, str | None]:
+        """(module that gets the soft tokens, decoder whose cross-attention mask grows, for encoder-decoders).
+
+        Encoder-decoder models (T5, BART) get the prompt on the encoder input, as in Lester et al. and HF PEFT;
+        the decoder then attends to the soft tokens' encoder states too."""
+        _, outer = find_outer(model, type(self).__name__)
+        if is_encoder_decoder(outer):
+            _, encoder, decoder = find_encoder_decoder(model, type(self).__name__)
+            return encoder, decoder
+        return find_backbone(model, type(self).__name__)[0], None
 
     def text_token_ids(self, vocab_size: int) -> list[int]:
         """Token ids of init_text, repeated or cut to num_virtual_tokens."""
@@ -160,30 +210,43 @@ class PromptTuning(PEFTMethod):
         repeats = math.ceil(self.num_virtual_tokens / len(ids))
         return (ids * repeats)[: self.num_virtual_tokens]
 
-    def initial_prompt(self, weight: torch.Tensor) -> torch.Tensor:
+    def initial_rows(self, vocab_size: int) -> list[int] | None:
+        """The vocabulary rows the soft tokens start from, or ``None`` for the uniform init."""
+        p = self.num_virtual_tokens
+        if self.init == "random":
+            return None
+        if self.init == "vocab":
+            rows = torch.randperm(vocab_size)[:p] if vocab_size >= p else torch.randint(0, vocab_size, (p,))
+            return [int(r) for r in rows]
+        return self.text_token_ids(vocab_size)
+
+    def initial_prompt(self, weight: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
         """The (P, h) starting value of the soft tokens."""
-        p, (vocab_size, hidden) = self.num_virtual_tokens, weight.shape
+        p, hidden = self.num_virtual_tokens, int(weight.shape[1])
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         if weight.device.type == "meta":
             return torch.empty(p, hidden, dtype=dtype, device=weight.device)
-        if self.init == "random":
+        if rows is None:
             prompt = torch.empty(p, hidden, dtype=dtype, device=weight.device)
             return prompt.uniform_(-RANDOM_RANGE, RANDOM_RANGE)
-        if self.init == "vocab":
-            rows = torch.randperm(vocab_size)[:p] if vocab_size >= p else torch.randint(0, vocab_size, (p,))
-        else:
-            rows = torch.tensor(self.text_token_ids(vocab_size))
-        return weight.detach()[rows.to(weight.device)].to(dtype).clone()
+        return weight.detach()[torch.tensor(rows, device=weight.device)].to(dtype).clone()
 
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
-        name, _, wraps_outer = find_backbone(model, type(self).__name__)
+        name, decoder = self.wrapped(model)
+        wraps_outer = decoder is None and find_backbone(model, type(self).__name__)[2]
         backbone = model.get_submodule(name)
-        prompt = self.initial_prompt(input_embedding_weight(backbone, type(self).__name__))
-        replace_module(model, name, PromptEmbedding(backbone, prompt, wraps_outer))
+        weight = input_embedding_weight(backbone, type(self).__name__)
+        rows = self.initial_rows(int(weight.shape[0]))
+        prompt = self.initial_prompt(weight, rows)
+        layer = PromptEmbedding(backbone, prompt, wraps_outer, rows, keep_virtual=decoder is not None)
+        replace_module(model, name, layer)
+        if decoder is not None:
+            base = model.get_submodule(decoder)
+            replace_module(model, decoder, EncoderMaskLayer(base, self.num_virtual_tokens, wraps_outer=False))
 
     # -- HF PEFT interop ------------------------------------------------------------------------------
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
-        _, outer, _ = find_backbone(model, type(self).__name__)
+        _, outer = find_outer(model, type(self).__name__)
         config = outer.config
         return {
             "peft_type": "PROMPT_TUNING",
@@ -208,7 +271,7 @@ class PromptTuning(PEFTMethod):
             return None
         return cls(
             num_virtual_tokens=int(config["num_virtual_tokens"]),
-            modules_to_save=list(dict.fromkeys(config.get("modules_to_save") or [])),
+            modules_to_save=modules_to_save_from_peft(config.get("modules_to_save")),
         )
 
 
