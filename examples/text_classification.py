@@ -189,6 +189,36 @@ class TextClassificationDataModule(pl.LightningDataModule):
         return self._loader("test")
 
 
+#: ``SequenceClassifier(quantization=...)``: transformers ``BitsAndBytesConfig`` arguments per name
+QUANTIZATIONS: dict[str, dict[str, Any]] = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True},
+    "int8": {"load_in_8bit": True},
+}
+
+
+def quantization_kwargs(
+    quantization: str | None, device_map: str | None = None, **settings: Any
+) -> dict[str, Any]:
+    """``from_pretrained`` arguments loading the base with bitsandbytes (the new head stays in float32) on
+    ``device_map`` (default: the GPU if there is one, else the CPU); ``settings`` override
+    ``BitsAndBytesConfig`` arguments."""
+    if quantization is None:
+        return {}
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None or one of {sorted(QUANTIZATIONS)}, got {quantization!r}")
+    from transformers import BitsAndBytesConfig
+
+    config: dict[str, Any] = dict(QUANTIZATIONS[quantization], llm_int8_skip_modules=["classifier"])
+    if config.get("load_in_4bit"):
+        config["bnb_4bit_compute_dtype"] = torch.float32
+    config.update(settings)
+    device = device_map or ("cuda" if torch.cuda.is_available() else "cpu")
+    return {"quantization_config": BitsAndBytesConfig(**config), "device_map": device}
+
+
 class SequenceClassifier(pl.LightningModule):
     """Any ``AutoModelForSequenceClassification`` with accuracy and F1 (torchmetrics).
 
@@ -203,6 +233,9 @@ class SequenceClassifier(pl.LightningModule):
         gradient_checkpointing: recompute each layer's activations in the backward pass instead of keeping
             them (transformers' non-reentrant gradient checkpointing): less memory, about one more forward
             pass of compute. Works with every PEFT method.
+        quantization: load the base's linear layers with bitsandbytes (needs ``lightning-peft[qlora]``):
+            ``"nf4"``, ``"nf4-dq"`` (with double quantization), ``"fp4"``, ``"fp4-dq"`` or ``"int8"``; the new
+            classifier head stays in float32. ``None`` (default): full precision.
     """
 
     def __init__(
@@ -214,6 +247,7 @@ class SequenceClassifier(pl.LightningModule):
         warmup_ratio: float = 0.0,
         labels: list[str] | None = None,
         gradient_checkpointing: bool = False,
+        quantization: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -226,7 +260,10 @@ class SequenceClassifier(pl.LightningModule):
             names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
         with quiet_model_loading():  # the new classifier head is expected to be missing from the checkpoint
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                resolve_model_path(model_name_or_path), num_labels=num_labels, **names
+                resolve_model_path(model_name_or_path),
+                num_labels=num_labels,
+                **names,
+                **quantization_kwargs(quantization),
             )
         # from_pretrained returns eval mode; Lightning keeps modules' modes, so switch dropout on for training
         self.model.train()

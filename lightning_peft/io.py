@@ -36,6 +36,7 @@ from lightning_peft.model import (
 )
 from lightning_peft.participation import watch_first_inference
 from lightning_peft.peft_format import from_file_keys, to_file_keys
+from lightning_peft.quantized import quantization_state_keys
 from lightning_peft.reader import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -326,8 +327,9 @@ def prepare_checkpoint_load(module: nn.Module, checkpoint: dict[str, Any]) -> No
         apply_peft(module, methods, checkpoint[CHECKPOINT_KEY].get("adapter_name", DEFAULT_ADAPTER))
     state = checkpoint["state_dict"]
     check_adapter_state(module, state, "checkpoint")
+    statistics = quantization_state_keys(module)  # bitsandbytes layers keep their own
     for key, value in module.state_dict().items():
-        if key not in state and not _is_dtensor(value):
+        if key not in state and key not in statistics and not _is_dtensor(value):
             state[key] = value
 
 

@@ -25,6 +25,7 @@ from lightning_peft.adapters import add_adapter, set_adapter
 from lightning_peft.distributed import (
     check_gradients,
     check_not_sharded,
+    check_quantized_sharding,
     configure_strategy,
     prepare_training,
 )
@@ -33,6 +34,7 @@ from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.model import ParameterCount, apply_peft, as_method_list, count_parameters, remove_peft
 from lightning_peft.optim import fix_optimizers
 from lightning_peft.participation import check_forward
+from lightning_peft.quantized import keep_adapter_unquantized
 from lightning_peft.record import DEFAULT_ADAPTER, ensure_record, get_record, is_attached, replace_attribute
 
 
@@ -80,14 +82,17 @@ class PEFTLifecycle:
                     "attaching twice is not allowed"
                 )
             _loose_loading(module)  # attached by the user (e.g. in configure_model): same rule
+            keep_adapter_unquantized(module, getattr(trainer, "precision_plugin", None))
             return None
         check_not_sharded(module)
+        check_quantized_sharding(module, trainer)
         if is_attached(module):  # other named adapters are loaded: this one trains alone, they stay frozen
             add_adapter(module, self.methods, self.adapter_name)
             set_adapter(module, self.adapter_name)
             counts = count_parameters(module)
         else:
             counts = apply_peft(module, self.methods, self.adapter_name)
+        keep_adapter_unquantized(module, getattr(trainer, "precision_plugin", None))  # BitsandbytesPrecision
         record = ensure_record(module)
         record.pending = None
         stage = trainer.state.fn if trainer is not None else None

@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_peft.methods.base import ADAPTER_ROUTING, PEFTLayer, PEFTMethod
 from lightning_peft.methods.registry import available_methods
+from lightning_peft.quantized import dequantize_model, parameter_numel, quantized_merge
 from lightning_peft.record import (
     DEFAULT_ADAPTER,
     AdapterEntry,
@@ -92,7 +93,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = p.numel()
+        n = parameter_numel(p)  # a packed 4-bit weight counts its values, not its bytes
         total += n
         if p.requires_grad:
             trainable += n
@@ -198,7 +199,7 @@ def _take_out_adapters(model: nn.Module, merged_ok: bool) -> None:
     # innermost first, so that nested replacements see their parents intact
     for name, layer in sorted(peft_layers(model), key=lambda item: -item[0].count(".")):
         if layer.merged and not merged_ok:
-            with torch.no_grad():
+            with torch.no_grad(), quantized_merge(layer, merge=False):
                 layer.unmerge()
         replace_module(model, name, layer.unload())
     record = get_record(model)
@@ -304,7 +305,8 @@ def _set_merged(model: nn.Module, merge: bool) -> None:
     for _name, layer in layers:
         if layer.merged == merge:
             continue
-        layer.merge() if merge else layer.unmerge()
+        with quantized_merge(layer, merge):  # dequantize, merge, requantize for bitsandbytes base layers
+            layer.merge() if merge else layer.unmerge()
         changed += 1
     if layers and not changed:
         rank_zero_warn(f"the adapter is already {'merged' if merge else 'unmerged'}; nothing changed")
@@ -324,8 +326,16 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the adapter and give back the plain model: original module types, no adapter modules left."""
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
+    """Merge the adapter and give back the plain model: original module types, no adapter modules left.
+
+    ``dequantize=True`` first turns bitsandbytes 4-bit/8-bit layers into plain float ``nn.Linear`` layers,
+    so the merge is exact and the model comes back in full precision; otherwise merging into a quantized
+    layer rounds the merged weight to its quantisation grid (with a warning)."""
+    if dequantize:
+        if any(layer.merged for _, layer in peft_layers(model)):
+            unmerge_adapter(model)  # puts quantized weights back exactly, so that the float merge is exact
+        dequantize_model(model)
     layers = list(peft_layers(model))
     if layers and any(not layer.merged for _, layer in layers):
         merge_adapter(model)

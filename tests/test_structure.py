@@ -19,6 +19,7 @@ GROUND_FLOOR = {
     "lightning_peft.hf_targets",
     "lightning_peft.targeting",
     "lightning_peft.methods.base",
+    "lightning_peft.quantized",  # bitsandbytes layers: read by the methods (DoRA's norm), the model and io
 }
 
 

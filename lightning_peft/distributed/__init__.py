@@ -23,6 +23,7 @@ from lightning_peft.distributed.fsdp_policy import peft_auto_wrap_policy, peft_w
 from lightning_peft.distributed.gradients import check_gradients
 from lightning_peft.distributed.strategies import (
     check_not_sharded,
+    check_quantized_sharding,
     check_saveable,
     configure_strategy,
     is_global_zero,
@@ -32,6 +33,7 @@ from lightning_peft.distributed.training import prepare_training
 __all__ = [
     "check_gradients",
     "check_not_sharded",
+    "check_quantized_sharding",
     "check_saveable",
     "configure_strategy",
     "enable_input_grads",

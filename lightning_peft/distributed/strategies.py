@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_peft.quantized import check_fsdp_quant_storage
+
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
 
@@ -76,6 +78,12 @@ def check_not_sharded(module: nn.Module) -> None:
             "layers in __init__ (PEFTCallback attaches in setup, before configure_model), or with PEFTMixin "
             "call self.apply_peft() in configure_model before fully_shard()."
         )
+
+
+def check_quantized_sharding(module: nn.Module, trainer: pl.Trainer | None) -> None:
+    """FSDP1/FSDP2 shard a bitsandbytes 4-bit base only when its packed weights are floating-point tensors."""
+    if _strategy_kind(trainer) in ("fsdp", "model_parallel"):
+        check_fsdp_quant_storage(module)
 
 
 def check_saveable(module: nn.Module) -> None:

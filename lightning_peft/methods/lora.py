@@ -45,6 +45,7 @@ from lightning_peft.methods.lora_patterns import (
 )
 from lightning_peft.methods.peft_interop import lora_kwargs_from_peft_config, lora_peft_config
 from lightning_peft.methods.registry import register_method
+from lightning_peft.quantized import float_weight
 from lightning_peft.record import mark_trainable
 from lightning_peft.targeting import (
     ModuleTargets,
@@ -57,10 +58,11 @@ from lightning_peft.targeting import (
 
 
 def weight_as_out_in(layer: nn.Module) -> torch.Tensor:
-    """The base weight as (out, in), whether it is an ``nn.Linear`` or a GPT-2 ``Conv1D`` (stored (in, out)), also
-    through the adapter layers of other named adapters that wrap it."""
+    """The base weight as (out, in), whether it is an ``nn.Linear`` (dequantized when it is a bitsandbytes
+    4-bit/8-bit layer) or a GPT-2 ``Conv1D`` (stored (in, out)), also through the adapter layers of other named
+    adapters that wrap it."""
     inner = innermost(layer)
-    return inner.weight if isinstance(inner, nn.Linear) else inner.weight.T
+    return float_weight(inner) if isinstance(inner, nn.Linear) else inner.weight.T
 
 
 class LoRALinear(PEFTLayer):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# FSDP1 (FSDPStrategy) checks on CUDA, as one command: bash tests/gpu/run_gpu_checks.sh
+# GPU checks on CUDA (FSDP1 FSDPStrategy; QLoRA: BitsandbytesPrecision, FSDP2 over a 4-bit base), as one command:
+#   bash tests/gpu/run_gpu_checks.sh
 # Uses up to 2 GPUs (1 is enough). Needs a CUDA build of torch; about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
