@@ -323,9 +323,14 @@ def prepare_checkpoint_load(module: nn.Module, checkpoint: dict[str, Any]) -> No
     if methods is None or "state_dict" not in checkpoint:
         # a full checkpoint loads as usual; FSDP/ModelParallel strategies load (and pop) the weights themselves
         return
+    state = checkpoint["state_dict"]
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or trainer.state.fn != "fit":
+        # a file loaded for inference (load_from_checkpoint, validate/test/predict with ckpt_path); a fit that
+        # resumes from its own checkpoint is not checked
+        check_finite({k: v for k, v in state.items() if not _is_dtensor(v)}, "checkpoint")
     if not is_attached(module):
         apply_peft(module, methods, checkpoint[CHECKPOINT_KEY].get("adapter_name", DEFAULT_ADAPTER))
-    state = checkpoint["state_dict"]
     check_adapter_state(module, state, "checkpoint")
     statistics = quantization_state_keys(module)  # bitsandbytes layers keep their own
     for key, value in module.state_dict().items():
@@ -345,15 +350,20 @@ def load_peft_checkpoint(
     checkpoint_path: PathLike,
     method: PEFTMethod | Sequence[PEFTMethod] | None = None,
     map_location: str | torch.device = "cpu",
+    *,
+    allow_nonfinite: bool = False,
     **init_kwargs: Any,
 ) -> M:
     """Turn an adapter-only ``.ckpt`` into a ready model in one call.
 
     The base weights come from ``module_class(**hyper_parameters, **init_kwargs)`` (the module's own
     ``__init__``, and ``configure_model`` if it defines one); the adapter and its configuration come from
-    the file (or ``method``). The file is read without unpickling anything. The model is returned in eval mode.
+    the file (or ``method``). The file is read without unpickling anything, and NaN/Inf adapter values are
+    refused unless ``allow_nonfinite=True``. The model is returned in eval mode.
     """
     adapter = read_adapter(checkpoint_path, map_location=map_location)
+    if not allow_nonfinite:
+        check_finite(adapter.tensors, adapter.source)
     if adapter.key_format != "state_dict":
         raise ValueError(
             f"checkpoint_path={str(checkpoint_path)!r} is an adapter folder or file, not a Lightning checkpoint; "

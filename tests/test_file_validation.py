@@ -4,6 +4,7 @@ is left exactly as it was. ``adapter_config.json`` is the one source of truth fo
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,7 +128,17 @@ def peft_folder(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("r", 8), ("lora_alpha", 32), ("lora_dropout", 0.5), ("use_rslora", True), ("peft_type", "IA3")],
+    [
+        ("r", 8),
+        ("lora_alpha", 32),
+        ("lora_dropout", 0.5),
+        ("use_rslora", True),
+        ("peft_type", "IA3"),
+        ("rank_pattern", {"query": 2}),
+        ("alpha_pattern", {"value": 3.0}),
+        ("layers_to_transform", [0]),
+        ("lora_bias", True),
+    ],
 )
 def test_edited_peft_json_disagreeing_with_the_header_is_an_error(
     peft_folder: Path, field: str, value: object
@@ -138,7 +149,7 @@ def test_edited_peft_json_disagreeing_with_the_header_is_an_error(
     model = tiny_bert()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(
-        ValueError, match=f"field '{field}' is {value!r} here but .* in the safetensors header"
+        ValueError, match=f"field '{field}' is {re.escape(repr(value))} here but .* in the safetensors header"
     ):
         load_adapter(model, peft_folder)
     assert not is_attached(model)
@@ -164,3 +175,36 @@ def test_our_json_disagreeing_with_the_header_is_an_error(tmp_path: Path) -> Non
     (folder / CONFIG).write_text(json.dumps(config))
     error = load_fails(folder, r"field 'methods\[0\]\.r' is 3 here but 2 in the safetensors header")
     assert str(folder / CONFIG) in str(error)
+
+
+def test_nonfinite_checkpoint_refused_by_load_peft_checkpoint_and_the_mixin(tmp_path: Path) -> None:
+    from helpers import HFModule
+
+    from lightning_peft import PEFTMixin, load_peft_checkpoint
+    from lightning_peft.io import filter_checkpoint
+
+    class Module(PEFTMixin, HFModule):
+        def __init__(self) -> None:
+            super().__init__("bert")
+            self.peft_method = LoRA(r=2, target_modules=["query"])
+
+    module = Module()
+    module.apply_peft()
+    import lightning
+
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": {},
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    filter_checkpoint(module, checkpoint)
+    key = next(k for k in checkpoint["state_dict"] if k.endswith("lora_B"))
+    checkpoint["state_dict"][key] = torch.full_like(checkpoint["state_dict"][key], float("nan"))
+    path = tmp_path / "nan.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=f"tensor '{key}' holds non-finite values"):
+        load_peft_checkpoint(Module, path)
+    with pytest.raises(ValueError, match=f"tensor '{key}' holds non-finite values"):
+        Module.load_from_checkpoint(path)
+    loaded = load_peft_checkpoint(Module, path, allow_nonfinite=True)
+    assert torch.isnan(loaded.state_dict()[key]).all()
