@@ -97,7 +97,8 @@ def reconcile(
         if json_methods is None:
             raise AssertionError("reconcile needs the JSON's methods when there is no header")
         return json_methods
-    header_methods = methods_from(_loads(header, config_file), f"{config_file.parent} (safetensors header)")
+    header_meta = _loads(header, config_file)
+    header_methods = methods_from(header_meta, f"{config_file.parent} (safetensors header)")
     if json_methods is not None and ours:
         for index, (ours, theirs) in enumerate(zip(json_methods, header_methods)):
             field = _differing_field(ours.to_dict(), theirs.to_dict())
@@ -124,7 +125,19 @@ def reconcile(
     for field, key in PEFT_JSON_FIELDS.get(header_method.method_name, {}).items():
         if key in config and getattr(described, field) != getattr(header_method, field):
             _mismatch(config_file, key, config[key], getattr(header_method, field))
+    written = header_meta.get("peft_config") if isinstance(header_meta, dict) else None
+    if isinstance(written, dict):  # the JSON as save_adapter wrote it: every other field must be unchanged
+        for key in sorted((set(written) | set(config)) - DESCRIPTIVE_JSON_KEYS):
+            if config.get(key) != written.get(key):
+                _mismatch(config_file, key, config.get(key), written.get(key))
     return header_methods
+
+
+#: adapter_config.json keys that describe where the adapter came from rather than what it computes: users and
+#: tools (``lightning-peft fit`` adds ``label_names``) may change them
+DESCRIPTIVE_JSON_KEYS = frozenset(
+    {"base_model_name_or_path", "revision", "inference_mode", "label_names", "auto_mapping", "peft_version"}
+)
 
 
 def _loads(text: str, config_file: Path) -> Any:

@@ -128,6 +128,8 @@ def adapter_config_dict(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any
     methods = [m.saved_config() for m in attached_methods(model) or []]
     meta = {**adapter_meta(model, methods), **fingerprint_record(model)}
     peft_config = methods[0].peft_config(model) if len(methods) == 1 else None
+    if peft_config:
+        meta["peft_config"] = peft_config  # what the JSON said when written: any later edit is detected
     return (peft_config if peft_config else {CHECKPOINT_KEY: meta}), meta
 
 

@@ -138,6 +138,9 @@ def peft_folder(tmp_path: Path) -> Path:
         ("alpha_pattern", {"value": 3.0}),
         ("layers_to_transform", [0]),
         ("lora_bias", True),
+        ("target_modules", ["query"]),
+        ("modules_to_save", ["classifier"]),
+        ("exclude_modules", ["value"]),
     ],
 )
 def test_edited_peft_json_disagreeing_with_the_header_is_an_error(
