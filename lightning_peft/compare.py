@@ -86,23 +86,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--test-metric", default="test_acc", help="logged test metric (default test_acc)")
     parser.add_argument("--latency-repeats", type=int, default=10, help="timed inference calls per variant")
     args = parser.parse_args(list(argv))
-    if args.worker is None:
-        if not args.config:
-            parser.error("--config is required: a lightning-peft fit YAML")
-        for seed in args.seeds:
-            if seed < 0:
-                parser.error(f"--seeds must be non-negative integers, got {seed}")
-        try:
-            args.lr = dict(_key_value(item, "--lr") for item in args.lr)
-            args.lr = {k: float(v) for k, v in args.lr.items()}
-            args.set = [_key_value(item, "--set") for item in args.set]
-        except ValueError as error:
-            parser.error(str(error))
-        for method in args.methods:
-            if method not in PRESETS and not Path(method).is_file():
-                parser.error(
-                    f"--methods: {method!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file"
-                )
+    if not args.config:
+        parser.error("--config is required: a lightning-peft fit YAML")
+    for seed in args.seeds:
+        if seed < 0:
+            parser.error(f"--seeds must be non-negative integers, got {seed}")
+    try:
+        args.lr = dict(_key_value(item, "--lr") for item in args.lr)
+        args.lr = {k: float(v) for k, v in args.lr.items()}
+        args.set = [_key_value(item, "--set") for item in args.set]
+    except ValueError as error:
+        parser.error(str(error))
+    for method in args.methods:
+        if method not in PRESETS and not Path(method).is_file():
+            parser.error(f"--methods: {method!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
     return args
 
 

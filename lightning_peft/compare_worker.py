@@ -170,4 +170,7 @@ def _metric(metrics: dict[str, Any], name: str) -> float | None:
 
 
 if __name__ == "__main__":  # one run of ``lightning-peft compare``, in a subprocess of its own
-    sys.exit(run_worker(Path(sys.argv[1])))
+    # run the package's copy of this module, not ``__main__``: the run's config names its StepTimer by class path
+    from lightning_peft.compare_worker import run_worker as package_run_worker
+
+    sys.exit(package_run_worker(Path(sys.argv[1])))
