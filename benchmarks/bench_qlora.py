@@ -212,7 +212,7 @@ def bench_accuracy(args: argparse.Namespace) -> str:
 
     torch.set_num_threads(args.threads)
     data = TextClassificationDataModule(
-        train_size=2000, batch_size=16, max_length=128, eval_split="validation"
+        train_size=args.train_size, batch_size=16, max_length=128, val_size=args.val_size
     )
     data.setup("fit")
     data.setup("test")
