@@ -293,7 +293,14 @@ def load_adapter_state(
 
 
 def _set_merged(model: nn.Module, merge: bool) -> None:
-    layers = list(peft_layers(model))
+    # only the active adapters fold in (a switched-off one must stay out of the weights). Layers stacked on one
+    # base (named adapters) merge innermost first and unmerge outermost first, so each undoes exactly its own
+    # step even when a step is not additive (DoRA rescales the merged weight)
+    layers = sorted(
+        (item for item in peft_layers(model) if item[1].active or item[1].merged),
+        key=lambda item: item[0].count("."),
+        reverse=merge,
+    )
     blocked = sorted({type(layer).__name__ for _, layer in layers if not layer.mergeable})
     if blocked:
         raise TypeError(

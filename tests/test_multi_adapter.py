@@ -261,3 +261,24 @@ def test_combine_named_adapters_into_a_new_one(how: str) -> None:
         torch.testing.assert_close(deltas["ab"], expected, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="already loaded"):
         combine_adapters(model, ["a", "b"], [1.0, 1.0], "ab")
+
+
+def test_merging_folds_in_only_the_active_adapter_and_unmerges_exactly() -> None:
+    from helpers import tiny_gpt2
+
+    from lightning_peft import merge_adapter, unmerge_adapter
+
+    model = tiny_gpt2()  # Conv1D layers: the stack must keep GPT-2's (in, out) weight layout
+    add_adapter(model, DoRA(r=2, target_modules=["c_attn"]), "d")
+    add_adapter(model, LoRA(r=2, target_modules=["c_attn", "c_proj"]), "l")
+    perturb(model)
+    batch = tiny_batch("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in ("d", "l", "d"):
+        set_adapter(model, name)
+        unmerged = model_output(model, batch)
+        merge_adapter(model)
+        torch.testing.assert_close(model_output(model, batch), unmerged, atol=1e-5, rtol=1e-5)
+        unmerge_adapter(model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], atol=1e-6, rtol=1e-6)
