@@ -16,30 +16,23 @@ from typing import Any
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.registry import method_from_dict
 
+#: LoRA's and DoRA's fields (DoRA is LoRA with a magnitude; their JSON keys are the same)
+_LORA_JSON_FIELDS: dict[str, str] = {
+    "r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "bias": "bias",
+    "use_rslora": "use_rslora",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
+    "layers_to_transform": "layers_to_transform",
+    "lora_bias": "lora_bias",
+}
+
 #: method name -> {configuration field: HF PEFT adapter_config.json key} for the fields PEFT's JSON carries
 PEFT_JSON_FIELDS: dict[str, dict[str, str]] = {
-    "lora": {
-        "r": "r",
-        "alpha": "lora_alpha",
-        "dropout": "lora_dropout",
-        "bias": "bias",
-        "use_rslora": "use_rslora",
-        "rank_pattern": "rank_pattern",
-        "alpha_pattern": "alpha_pattern",
-        "layers_to_transform": "layers_to_transform",
-        "lora_bias": "lora_bias",
-    },
-    "dora": {
-        "r": "r",
-        "alpha": "lora_alpha",
-        "dropout": "lora_dropout",
-        "bias": "bias",
-        "use_rslora": "use_rslora",
-        "rank_pattern": "rank_pattern",
-        "alpha_pattern": "alpha_pattern",
-        "layers_to_transform": "layers_to_transform",
-        "lora_bias": "lora_bias",
-    },
+    "lora": _LORA_JSON_FIELDS,
+    "dora": _LORA_JSON_FIELDS,
     "prefix": {"num_virtual_tokens": "num_virtual_tokens", "encoder_hidden_size": "encoder_hidden_size"},
     "prompt": {"num_virtual_tokens": "num_virtual_tokens"},
     "ia3": {},
