@@ -133,6 +133,7 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "layers_pattern": st.none() | st.sampled_from(["layer", "h", "layers"]),
     "lora_bias": st.booleans(),
     "cross_attention_prefix": st.booleans(),
+    "encoder_prefix": st.booleans(),
 }
 
 

@@ -13,12 +13,18 @@ them). The layer index is the order of the attention calls within one forward, w
 layers that share one attention module. The config's attention implementation is put back after every call.
 Activation checkpointing would call the attention again in backward, so it is refused with an error.
 
+The same route puts a prefix into the encoder's self-attention of an encoder-decoder model
+(``PrefixTuning(encoder_prefix=True)``, :class:`~lightning_peft.methods.prefix.EncoderPrefixLayer`). T5 adds a
+relative position bias to the scores; the prefix positions get none (they are position-free memory slots),
+so the real tokens keep exactly the bias they had.
+
 Models whose attention does not use the interface (``_supports_attention_backend`` false, e.g. DeBERTa-v2's
 disentangled attention) cannot take a prefix this way and are refused at attach.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -67,6 +73,10 @@ def prefix_attention(
         visible = torch.ones if attention_mask.dtype == torch.bool else torch.zeros
         pad = visible(shape, dtype=attention_mask.dtype, device=attention_mask.device)
         attention_mask = torch.cat([pad, attention_mask], dim=-1)
+    bias = kwargs.get("position_bias")
+    if bias is not None:  # T5's relative bias, (1 or B, H, S, S): the prefix has no position, so no bias
+        pad = torch.zeros((*bias.shape[:-1], keys.shape[-2]), dtype=bias.dtype, device=bias.device)
+        kwargs["position_bias"] = torch.cat([pad, bias], dim=-1)  # (…, H, S, P+S)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -78,11 +88,18 @@ def register() -> None:
     AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def uses_attention_interface(backbone: nn.Module) -> bool:
-    """Whether ``backbone``'s attention goes through transformers' attention interface."""
+def uses_attention_interface(backbone: nn.Module, declared: bool = True) -> bool:
+    """Whether ``backbone``'s attention goes through transformers' attention interface: the model declares it
+    (``_supports_attention_backend``), or, with ``declared=False``, its modeling code dispatches through
+    ``ALL_ATTENTION_FUNCTIONS`` (T5 and BART do, without declaring it). Either way the forward then counts
+    the attention calls, so a model that bypasses the interface fails loudly instead of losing the prefix."""
     config = getattr(backbone, "config", None)
-    return bool(getattr(backbone, "_supports_attention_backend", False)) and hasattr(
-        config, "_attn_implementation"
+    if not hasattr(config, "_attn_implementation"):
+        return False
+    if getattr(backbone, "_supports_attention_backend", False):
+        return True
+    return not declared and any(
+        hasattr(sys.modules.get(type(m).__module__), "ALL_ATTENTION_FUNCTIONS") for m in backbone.modules()
     )
 
 

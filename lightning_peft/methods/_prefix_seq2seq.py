@@ -19,13 +19,28 @@ decoder's own keys follow the prefix (positions offset by ``P``, as in HF PEFT).
 prefix its half is pre-filled but not marked as computed, so each cross-attention appends the encoder's
 keys/values after the prefix on the first call and reuses them on later ``generate`` steps, and the
 cross-attention mask gets ``P`` leading ones. The decoder's own attention mask always gets ``P`` leading ones.
+
+HF PEFT gives the encoder no prefix. ``PrefixTuning(encoder_prefix=True)`` adds one: a second prefix matrix
+``Θ_enc ∈ R^{P × L_enc·2·d_kv}`` (same column layout, one block pair per encoder layer) on a layer that wraps
+the encoder and hands layer ``l``'s prefix to its self-attention through transformers' attention interface
+(:mod:`lightning_peft.methods._prefix_interface`):
+
+    encoder layer l:   self-attention  [K^p_l; K], [V^p_l; V]    from Θ_enc, every query sees all P
+
+The encoder has no cache to carry it (its forward takes none). The decoder part is unchanged, so a file
+written with it still loads in HF PEFT, which reads ``prompt_embeddings`` and skips ``encoder_prompt_embeddings``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
+from torch import nn
+
+from lightning_peft.methods._prefix_interface import uses_attention_interface
+from lightning_peft.methods._virtual_tokens import find_encoder_decoder
 
 #: the error when the decoder did not use the cache that carries the prefix
 NO_CACHE = "the model did not use its key/value cache, which carries the prefix"
@@ -95,3 +110,33 @@ class EncoderDecoderPrefix:
         if prefilled and self.cache_length(cache) == past and length > 0:
             raise RuntimeError(f"{type(self.base_layer).__name__}: {NO_CACHE}")
         return output
+
+
+def encoder_geometry(config: Any, decoder: Any) -> Any:
+    """The encoder's key/value layout: the decoder's (``decoder``, a ``KVGeometry``) with the encoder's layer
+    and head counts (BART: ``encoder_layers``/``encoder_attention_heads``; T5: ``num_layers``/``num_heads``)."""
+    layers = getattr(config, "encoder_layers", None) or getattr(config, "num_layers", None) or decoder.layers
+    heads = (
+        getattr(config, "encoder_attention_heads", None)
+        or getattr(config, "num_heads", None)
+        or decoder.kv_heads
+    )
+    head_dim = getattr(config, "d_kv", None) or decoder.hidden_size // int(heads)
+    return dataclasses.replace(decoder, layers=int(layers), kv_heads=int(heads), head_dim=int(head_dim))
+
+
+def plan_encoder_prefix(model: nn.Module, outer: nn.Module, seq2seq: bool, method: str) -> str:
+    """The name of the encoder that ``encoder_prefix=True`` wraps, or an error saying why it cannot."""
+    if not seq2seq:
+        raise ValueError(
+            f"{method}: encoder_prefix=True is for encoder-decoder models (T5, BART); {type(outer).__name__} is "
+            "not one, and its prefix already reaches every self-attention layer (use encoder_prefix=False)"
+        )
+    _, encoder_name, _ = find_encoder_decoder(model, method)
+    encoder = model.get_submodule(encoder_name)
+    if not uses_attention_interface(encoder, declared=False):
+        raise ValueError(
+            f"{method}: encoder_prefix=True needs the encoder's attention to run through transformers' attention "
+            f"interface; {type(encoder).__name__} of {type(outer).__name__} does not"
+        )
+    return encoder_name

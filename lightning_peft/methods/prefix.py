@@ -33,7 +33,12 @@ from torch import nn
 
 from lightning_peft.methods._prefix_cache import has_hooks, install_hooks, make_read_only, remove_hooks
 from lightning_peft.methods._prefix_interface import InterfacePrefix, uses_attention_interface
-from lightning_peft.methods._prefix_seq2seq import NO_CACHE, EncoderDecoderPrefix
+from lightning_peft.methods._prefix_seq2seq import (
+    NO_CACHE,
+    EncoderDecoderPrefix,
+    encoder_geometry,
+    plan_encoder_prefix,
+)
 from lightning_peft.methods._virtual_tokens import (
     VirtualTokenLayer,
     cache_keyword,
@@ -243,6 +248,13 @@ class InterfacePrefixLayer(InterfacePrefix, PrefixLayer):
     (:mod:`lightning_peft.methods._prefix_interface`)."""
 
 
+class EncoderPrefixLayer(InterfacePrefixLayer):
+    """The encoder's self-attention prefixes of an encoder-decoder model (``encoder_prefix=True``), given through
+    the attention interface; saved as ``encoder_prompt_embeddings`` beside HF PEFT's ``prompt_embeddings``."""
+
+    peft_names: ClassVar[dict[str, str]] = {"prompt_embeddings": "encoder_prompt_embeddings"}
+
+
 @register_method
 @dataclass
 class PrefixTuning(PEFTMethod):
@@ -251,7 +263,12 @@ class PrefixTuning(PEFTMethod):
 
     method_name: ClassVar[str] = "prefix"
     #: the layers this method puts into a model (the participation check finds them by type)
-    layer_types: ClassVar[tuple[type, ...]] = (PrefixLayer, EncoderDecoderPrefixLayer, InterfacePrefixLayer)
+    layer_types: ClassVar[tuple[type, ...]] = (
+        PrefixLayer,
+        EncoderDecoderPrefixLayer,
+        InterfacePrefixLayer,
+        EncoderPrefixLayer,
+    )
 
     num_virtual_tokens: int = 20
     """Number P of prefix positions in every attention layer (a positive integer)."""
@@ -263,6 +280,9 @@ class PrefixTuning(PEFTMethod):
     cross_attention_prefix: bool = False
     """Encoder-decoder models only: also give the decoder's cross-attention the prefix blocks that HF PEFT's
     layout reserves for it (HF PEFT itself leaves them unused, so outputs then differ from HF PEFT's)."""
+    encoder_prefix: bool = False
+    """Encoder-decoder models only: also give every encoder self-attention layer its own P prefix keys/values
+    (HF PEFT has none there; they are saved as encoder_prompt_embeddings, which HF PEFT does not read)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter, e.g. ["classifier"] for a new head."""
 
@@ -270,7 +290,7 @@ class PrefixTuning(PEFTMethod):
         super().__post_init__()
         check_positive_int(self.num_virtual_tokens, "num_virtual_tokens")
         check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
-        for argument in ("prefix_projection", "cross_attention_prefix"):
+        for argument in ("prefix_projection", "cross_attention_prefix", "encoder_prefix"):
             if not isinstance(getattr(self, argument), bool):
                 raise ValueError(f"{argument} must be true or false, got {getattr(self, argument)!r}")
 
@@ -308,7 +328,9 @@ class PrefixTuning(PEFTMethod):
                 f"num_hidden_layers={geometry.layers}; HF PEFT's encoder-decoder prefix layout (one prefix layer "
                 "per decoder layer) needs them equal"
             )
-        return [name]
+        if not self.encoder_prefix:
+            return [name]
+        return [name, plan_encoder_prefix(model, outer, seq2seq, type(self).__name__)]
 
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
         name, outer, wraps_outer, seq2seq = self.wrapped(model)
@@ -326,6 +348,18 @@ class PrefixTuning(PEFTMethod):
         if seq2seq:
             layer.cross_attention_prefix = self.cross_attention_prefix
         replace_module(model, name, layer)
+        if self.encoder_prefix:
+            encoder = targets[1]
+            geometry = encoder_geometry(outer.config, kv_geometry(outer.config, type(self).__name__))
+            layer = EncoderPrefixLayer(
+                model.get_submodule(encoder),
+                self.num_virtual_tokens,
+                geometry,
+                self.prefix_projection,
+                self.encoder_hidden_size,
+                False,
+            )
+            replace_module(model, encoder, layer)
 
     def saved_config(self) -> PrefixTuning:
         """The configuration of the adapter files that save_adapter writes: they hold the folded prefixes."""
