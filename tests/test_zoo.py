@@ -53,12 +53,14 @@ IDENTITY_AT_INIT = {"LoRA", "DoRA", "IA3", "Adapter", "BitFit"}
 MIN_WORKING = 95
 
 
-def make_method(name: str) -> PEFTMethod:
+def make_method(name: str, kind: str) -> PEFTMethod:
     if name in ("LoRA", "DoRA"):
         return METHODS[name](r=2)  # type: ignore[call-arg]
     if name == "Adapter":
         # GELU: with ReLU, a 4-wide bottleneck of a random tiny model can be all dead (no gradient for W_up)
         return Adapter(bottleneck_size=4, activation="gelu")
+    if name == "Prefix" and kind == "encoder-decoder":  # a prefix in every attention: encoder, decoder, cross
+        return PrefixTuning(num_virtual_tokens=3, encoder_prefix=True, cross_attention_prefix=True)
     if name in ("Prefix", "Prompt"):
         return METHODS[name](num_virtual_tokens=3)  # type: ignore[call-arg]
     return METHODS[name]()
@@ -97,7 +99,7 @@ def run_cell(model_name: str, method_name: str) -> str:
     base_out = logits(model, inputs)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        apply_peft(model, make_method(method_name))
+        apply_peft(model, make_method(method_name, spec.kind))
     except (ValueError, TypeError) as error:
         message = str(error)
         # refused before touching the model, naming the model class
@@ -202,7 +204,10 @@ def matrix() -> str:
             "`tests/test_zoo.py`: the identity at init (LoRA, DoRA, IA3, Adapter, BitFit), a gradient for every "
             "adapter tensor, exactly the adapter's tensors changed by two optimizer steps, identical outputs "
             "after `save_adapter`/`load_adapter`, the same outputs after `merge_and_unload` (LoRA, DoRA, IA3, "
-            "BitFit) and `generate()` for decoders and encoder-decoders.",
+            "BitFit) and `generate()` for decoders and encoder-decoders. Prefix tuning on encoder-decoders runs "
+            "with `encoder_prefix=True, cross_attention_prefix=True`: a prefix in the encoder's self-attention, "
+            "the decoder's self-attention and the cross-attention (HF PEFT's default layout, decoder "
+            "self-attention only, is compared with HF PEFT in `tests/test_encoder_decoder.py`).",
             "",
             *rows,
             "",
