@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from text_classification import TextClassificationDataModule, resolve_model_path  # noqa: E402
 
 import lightning_peft as lp  # noqa: E402
+from lightning_peft.quiet import quiet_model_loading  # noqa: E402
 
 TARGETS = ["query", "value"]
 METHOD_ARGS: dict[str, Any] = {}
@@ -50,9 +51,10 @@ OURS = {
 
 def base_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)  # the new classifier head
-    return transformers.AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path("minilm"), num_labels=2
-    )
+    with quiet_model_loading():  # the new head is expected to be missing from the checkpoint
+        return transformers.AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path("minilm"), num_labels=2
+        )
 
 
 def build(variant: str, seed: int, reference: dict[str, dict[str, torch.Tensor]]) -> nn.Module:
