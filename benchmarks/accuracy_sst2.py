@@ -153,7 +153,7 @@ def run(variant: str, args: argparse.Namespace, data: TextClassificationDataModu
             if args.log_every and step % args.log_every == 0:
                 elapsed = time.perf_counter() - start
                 print(
-                    f"  {variant} step {step}/{args.epochs * steps_per_epoch} loss {float(loss):.3f} {elapsed:.0f} s",
+                    f"  {variant} step {step}/{args.epochs * steps_per_epoch} loss {loss.item():.3f} {elapsed:.0f} s",
                     flush=True,
                 )
         val_accuracy.append(evaluate(model, data.val_dataloader()))
