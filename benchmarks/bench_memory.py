@@ -38,6 +38,8 @@ import common  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lightning_peft.hf import set_activation_checkpointing  # noqa: E402
+
 FULL = "full fine-tuning"
 MiB = 2**20
 
@@ -121,7 +123,7 @@ def measure_step(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     del base
     if args.gradient_checkpointing:
         # HF PEFT's PeftModel passes the call on to the transformers model
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, use_reentrant=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     model.train()

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
 
+from lightning_peft.hf import set_activation_checkpointing
 from lightning_peft.quiet import quiet_model_loading
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -268,7 +269,7 @@ class SequenceClassifier(pl.LightningModule):
         # from_pretrained returns eval mode; Lightning keeps modules' modes, so switch dropout on for training
         self.model.train()
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_activation_checkpointing(self.model, use_reentrant=False)
         metric_args: dict[str, Any] = {}
         if num_labels == 2:
             self.val_acc, self.val_f1 = BinaryAccuracy(), BinaryF1Score()

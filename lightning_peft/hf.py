@@ -130,3 +130,20 @@ def name_or_path(model: nn.Module) -> str | None:
 
 def config_value(model: nn.Module, key: str) -> Any:
     return getattr(getattr(base_model(model), "config", None), key, None)
+
+
+def set_activation_checkpointing(model: nn.Module, enable: bool = True, **checkpoint_kwargs: Any) -> None:
+    """Switch transformers' activation (gradient) checkpointing on or off for ``model``.
+
+    transformers 5 renamed ``gradient_checkpointing_enable``/``_disable`` to ``activation_checkpointing_*`` and
+    warns on the old names; older versions only have the old ones. ``checkpoint_kwargs`` go to
+    ``torch.utils.checkpoint.checkpoint`` (e.g. ``use_reentrant=False``; transformers' default when omitted).
+    """
+    new = "activation_checkpointing_enable" if enable else "activation_checkpointing_disable"
+    old = "gradient_checkpointing_enable" if enable else "gradient_checkpointing_disable"
+    if not enable:
+        getattr(model, new if hasattr(model, new) else old)()
+    elif hasattr(model, new):
+        getattr(model, new)(activation_checkpointing_kwargs=checkpoint_kwargs or None)
+    else:
+        getattr(model, old)(gradient_checkpointing_kwargs=checkpoint_kwargs or None)

@@ -38,6 +38,7 @@ from lightning_peft import (  # noqa: E402
     adapter_state_dict,
     save_adapter,
 )
+from lightning_peft.hf import set_activation_checkpointing  # noqa: E402
 
 N_SAMPLES = 32
 BATCH_PER_RANK = 8
@@ -302,7 +303,7 @@ class CheckpointedModule(DDPModule):
 
     def configure_model(self) -> None:
         kwargs = {"use_reentrant": self.use_reentrant}
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        set_activation_checkpointing(self.model, **kwargs)
         if self.sharded:
             shard(self)
 

@@ -329,3 +329,27 @@ def every_method() -> dict[str, Callable[[], Any]]:
         "prompt": lambda: PromptTuning(num_virtual_tokens=4),
         "bitfit": BitFit,
     }
+
+
+def materialize(model: nn.Module) -> None:
+    """Lightning's own meta-device materialisation (``to_empty``, then ``reset_parameters`` per module).
+
+    Lightning warns about every module that has no ``reset_parameters``; for the base model's own modules (BERT's
+    embeddings, T5's layer norm) that is expected here, but no lightning-peft layer may be among them."""
+    import warnings
+
+    from lightning.fabric.utilities.init import _materialize_distributed_module
+
+    ours = {type(m).__name__ for m in model.modules() if getattr(m, "is_peft_layer", False)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _materialize_distributed_module(model, torch.device("cpu"))
+    for warning in caught:
+        message = str(warning.message)
+        if "Parameter initialization incomplete" not in message:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            continue
+        named = message.split(":")[-1]
+        assert not any(name in named.split(", ") for name in ours), (
+            f"a PEFT layer left uninitialised: {message}"
+        )

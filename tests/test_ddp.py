@@ -79,7 +79,7 @@ def check_checkpoints_are_adapter_only_and_written_once(
     loaded = load_peft_checkpoint(distributed_script.DDPModule, last)
     final = torch.load(out / "final_rank0.pt")
     params = dict(loaded.named_parameters())
-    assert max(float((params[k] - v).abs().max()) for k, v in final.items()) == 0.0
+    assert max((params[k] - v).abs().max().item() for k, v in final.items()) == 0.0
 
 
 def check_save_adapter_on_every_rank_writes_one_loadable_adapter(

@@ -8,18 +8,20 @@ bias ``B`` (none for BART) and the key-padding mask ``M``; the prefix positions 
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from lightning.fabric.utilities.init import _materialize_distributed_module
+from helpers import materialize
 from safetensors.torch import load_file
 from test_encoder_decoder import greedy, inputs
 from torch import nn
 from zoo_models import ZOO
 
 from lightning_peft import PrefixTuning, apply_peft, load_adapter, save_adapter
+from lightning_peft.hf import set_activation_checkpointing
 from lightning_peft.methods.prefix import EncoderPrefixLayer
 
 SEQ2SEQ = {z.name: z for z in ZOO if z.kind == "encoder-decoder"}
@@ -134,7 +136,6 @@ def test_generate_with_the_encoder_prefix_equals_greedy_decoding_by_hand(name: s
     assert torch.equal(generated, greedy(model, batch, 4)[:, : generated.shape[1]])
 
 
-@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # HF PEFT's own call
 @pytest.mark.parametrize("name", SEQ2SEQ)
 def test_save_and_load_keep_the_encoder_prefix_and_hf_peft_reads_the_decoder_part(
     name: str, tmp_path: Path
@@ -177,7 +178,7 @@ def test_encoder_prefix_on_a_model_without_a_separate_encoder_is_refused_before_
 
 def test_gradient_checkpointing_with_the_encoder_prefix_is_an_error_that_says_so() -> None:
     model = with_encoder_prefix("T5").train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_activation_checkpointing(model, use_reentrant=False)
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         model(**inputs())
 
@@ -186,7 +187,26 @@ def test_meta_materialisation_gives_the_encoder_prefix_its_documented_init() -> 
     with torch.device("meta"):
         model = SEQ2SEQ["T5"].build()
     apply_peft(model, PrefixTuning(num_virtual_tokens=P, encoder_prefix=True))
-    _materialize_distributed_module(model, torch.device("cpu"))  # Lightning's to_empty + reset_parameters
+    materialize(model)  # Lightning's to_empty + reset_parameters
     for tensor in (encoder_layer(model).prompt_embeddings, model.get_decoder().prompt_embeddings):
         tensor = tensor.detach()
         assert bool(tensor.isfinite().all()) and 0.7 < float(tensor.std()) < 1.3  # N(0, 1)
+
+
+@pytest.mark.parametrize("name", [*SEQ2SEQ, "GPT-2"])
+def test_prefix_tuning_calls_models_with_the_current_cache_keyword(name: str) -> None:
+    """transformers 5.24 deprecates ``past_key_values`` (gone in 5.40): our forward and generate never pass it."""
+    entry = SEQ2SEQ.get(name) or next(z for z in ZOO if z.name == name)
+    model = entry.build().eval()
+    seq2seq = name in SEQ2SEQ
+    apply_peft(
+        model, PrefixTuning(num_virtual_tokens=P, encoder_prefix=seq2seq, cross_attention_prefix=seq2seq)
+    )
+    batch = inputs() if seq2seq else {**inputs(), "labels": inputs()["input_ids"]}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*deprecated", category=FutureWarning)
+        model(**batch).loss.backward()
+        with torch.no_grad():
+            model.generate(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2
+            )

@@ -16,8 +16,8 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import HFModule, every_method, fast_trainer, hf_loader, tiny_batch, tiny_bert
-from lightning.fabric.utilities.init import _EmptyInit, _materialize_distributed_module
+from helpers import HFModule, every_method, fast_trainer, hf_loader, materialize, tiny_batch, tiny_bert
+from lightning.fabric.utilities.init import _EmptyInit
 from torch import nn
 
 from lightning_peft import (
@@ -69,7 +69,7 @@ def test_meta_materialisation_leaves_every_adapter_at_its_init(method: str) -> N
     with torch.device("meta"):
         model = tiny_bert()
     apply_peft(model, METHODS[method]())
-    _materialize_distributed_module(model, torch.device("cpu"))  # Lightning's own materialisation
+    materialize(model)  # Lightning's own materialisation
     restore_buffers(model)
     if method == "dora":  # m was computed from the base weight before Lightning reset it
         assert not torch.allclose(outputs(model), outputs(remove_peft(copy.deepcopy(model))), atol=1e-3)

@@ -87,6 +87,7 @@ def test_method_table(tmp_path: Path, name: str, kind: str) -> None:
     trainable = set(trainable_parameter_names(module))
     assert trainable and trainable == {n for n, p in module.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    module.train()  # training in eval mode is what Lightning warns about
     fit(tmp_path / "straight", module, factory(), max_epochs=2)
     after = dict(module.named_parameters())
     frozen_changed = [n for n in before if n not in trainable and not torch.equal(before[n], after[n])]

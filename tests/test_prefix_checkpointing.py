@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_peft import remove_peft, trainable_parameter_names
 from lightning_peft.distributed import enable_input_grads
+from lightning_peft.hf import set_activation_checkpointing
 from lightning_peft.methods._prefix_cache import PrefixAttentionHook, remove_hooks
 
 KINDS = ["bert", "gpt2", "llama"]
@@ -59,7 +60,7 @@ def test_hf_gradient_checkpointing_gives_the_gradients_of_a_normal_step(
     if kind != "bert":
         batch["attention_mask"][1, :4] = 0  # left padding
     expected = loss_and_grads(model, batch)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    set_activation_checkpointing(model, use_reentrant=use_reentrant)
     enable_input_grads(model)  # what PEFTCallback does at on_fit_start (reentrant needs it)
     assert_same_step(model, batch, expected)
 
@@ -94,7 +95,7 @@ def test_outputs_with_gradients_on_equal_those_of_the_filled_cache(kind: str, pr
 @pytest.mark.parametrize("kind", KINDS)
 def test_without_the_hooks_a_dropped_cache_is_an_error_not_a_silent_loss(kind: str) -> None:
     model = with_prefix(kind).train()
-    model.gradient_checkpointing_enable()
+    set_activation_checkpointing(model)
     layer = prefix_layer(model)
     assert len(hooks_of(model)) == 2  # one per attention layer
     remove_hooks(layer, layer.base_layer)
@@ -111,17 +112,17 @@ def test_checkpointed_model_in_training_mode_without_gradients(kind: str) -> Non
     model = with_prefix(kind)
     batch = tiny_batch(kind)
     expected = model_output(model, batch)
-    model.gradient_checkpointing_enable()
+    set_activation_checkpointing(model)
     torch.testing.assert_close(model_output(model.train(), batch), expected, atol=1e-6, rtol=0)
 
 
 def test_generate_after_checkpointed_training_keeps_the_prefix() -> None:
     model = with_prefix("gpt2").train()
-    model.gradient_checkpointing_enable()
+    set_activation_checkpointing(model)
     loss_and_grads(model, tiny_batch("gpt2"))
     prompt = tiny_batch("gpt2", batch=1, seq=4)["input_ids"]
     generated = model.eval().generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    model.gradient_checkpointing_disable()
+    set_activation_checkpointing(model, enable=False)
     plain = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(generated, plain)
 
@@ -130,7 +131,7 @@ def test_hooks_follow_copies_and_go_with_the_adapter() -> None:
     model = with_prefix("bert").train()
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # ddp_spawn pickles the module
         assert {id(h.owner) for h in hooks_of(twin)} == {id(prefix_layer(twin))}
-        twin.gradient_checkpointing_enable()
+        set_activation_checkpointing(twin)
         with torch.no_grad():
             prefix_layer(twin).prompt_embeddings.zero_()
         batch = tiny_batch("bert")

@@ -8,6 +8,7 @@ from helpers import tiny_bert
 from zoo_models import ZOO
 
 from lightning_peft import PrefixTuning, apply_peft
+from lightning_peft.hf import set_activation_checkpointing
 from lightning_peft.methods.prefix import InterfacePrefixLayer
 
 ZOO_BY_NAME = {z.name: z for z in ZOO}
@@ -64,7 +65,7 @@ def test_a_model_whose_attention_bypasses_the_interface_is_refused() -> None:
 
 def test_gradient_checkpointing_is_refused_on_this_route() -> None:
     model = ZOO_BY_NAME["DistilBERT"].build()
-    model.gradient_checkpointing_enable()
+    set_activation_checkpointing(model)
     apply_peft(model, PrefixTuning(num_virtual_tokens=3))
     model.train()
     with pytest.raises(RuntimeError, match="does not support gradient checkpointing"):

@@ -27,6 +27,7 @@ from lightning_peft import (
     trainable_parameter_names,
 )
 from lightning_peft.distributed import enable_input_grads
+from lightning_peft.hf import set_activation_checkpointing
 from lightning_peft.methods import PEFTLayer, get_method_class
 
 
@@ -75,7 +76,7 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_normal_step(
     trainable = trainable_parameter_names(module)
     assert trainable and set(expected) == set(trainable), name
 
-    module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    set_activation_checkpointing(module.model, use_reentrant=use_reentrant)
     # transformers < 5 does not hook the embeddings for gradient checkpointing; lightning-peft must
     module.model.disable_input_require_grads()
     capture = GradCapture()
@@ -91,7 +92,7 @@ def test_reentrant_checkpointing_without_input_grads_loses_the_adapter_gradients
     gradients of every adapter inside a checkpointed block."""
     model = tiny_bert().train()
     apply_peft(model, LoRA(r=4, modules_to_save=["classifier"]))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    set_activation_checkpointing(model, use_reentrant=True)
     model.disable_input_require_grads()
     batch = tiny_batch("bert", batch=4)
 
@@ -113,7 +114,7 @@ def test_reentrant_checkpointing_without_input_grads_loses_the_adapter_gradients
 def test_transformers_own_input_hook_is_kept() -> None:
     model = tiny_bert().train()
     apply_peft(model, LoRA(r=4))
-    model.gradient_checkpointing_enable()  # transformers 5 hooks the embeddings itself
+    set_activation_checkpointing(model)  # transformers 5 hooks the embeddings itself
     hooks = list(getattr(model, "_require_grads_hooks", []))
     assert enable_input_grads(model) == []
     assert list(getattr(model, "_require_grads_hooks", [])) == hooks
@@ -251,9 +252,9 @@ def test_reentrant_checkpointing_is_detected() -> None:
 
     model = tiny_bert()
     assert not _reentrant_checkpointing(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_activation_checkpointing(model, use_reentrant=False)
     assert not _reentrant_checkpointing(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    set_activation_checkpointing(model, use_reentrant=True)
     assert _reentrant_checkpointing(model)
     for impl, expected in ((CheckpointImpl.NO_REENTRANT, False), (CheckpointImpl.REENTRANT, True)):
         wrapped = nn.Sequential(checkpoint_wrapper(nn.Linear(2, 2), checkpoint_impl=impl))

@@ -53,7 +53,7 @@ def _check_ddp_reentrant_sharing(module: nn.Module, trainer: pl.Trainer) -> None
             f"lightning-peft: {', '.join(shared)} under DDP with reentrant gradient checkpointing "
             "(use_reentrant=True): every checkpointed layer back-propagates into the shared prefix parameters "
             "separately, and DDP would average only part of their gradient, so the processes would train "
-            "different prefixes. Use non-reentrant checkpointing, gradient_checkpointing_enable("
-            "gradient_checkpointing_kwargs={'use_reentrant': False}) (transformers 5's default), or "
+            "different prefixes. Use non-reentrant checkpointing, activation_checkpointing_enable("
+            "activation_checkpointing_kwargs={'use_reentrant': False}) (transformers 5's default), or "
             "Trainer(strategy=DDPStrategy(static_graph=True))."
         )

@@ -121,7 +121,7 @@ class InterfacePrefix:
             raise RuntimeError(
                 f"prefix tuning on {type(self.base_layer).__name__} (no key/value cache) does not support gradient "
                 "checkpointing: the recomputed attention in backward would run without the prefix. Disable it "
-                "(model.gradient_checkpointing_disable())"
+                "(model.activation_checkpointing_disable(), gradient_checkpointing_disable() before transformers 5)"
             )
         config = self.base_layer.config
         original = config._attn_implementation
