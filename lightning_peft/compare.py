@@ -44,12 +44,12 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any], float]] = {
     FULL: (None, {}, 2e-5),
     "lora": ("lightning_peft.LoRA", {"r": 8, "alpha": 16, "dropout": 0.1}, 1e-3),
     "dora": ("lightning_peft.DoRA", {"r": 8, "alpha": 16, "dropout": 0.1}, 1e-3),
-    "ia3": ("lightning_peft.IA3", {}, 3e-3),
+    "ia3": ("lightning_peft.IA3", {}, 1e-2),
     "adapter": ("lightning_peft.Adapter", {"placement": "pfeiffer", "reduction_factor": 16}, 1e-3),
     "houlsby": ("lightning_peft.Adapter", {"placement": "houlsby", "reduction_factor": 16}, 1e-3),
-    "prefix": ("lightning_peft.PrefixTuning", {"num_virtual_tokens": 20}, 1e-2),
+    "prefix": ("lightning_peft.PrefixTuning", {"num_virtual_tokens": 20}, 3e-2),
     "prompt": ("lightning_peft.PromptTuning", {"num_virtual_tokens": 20, "init": "vocab"}, 3e-2),
-    "bitfit": ("lightning_peft.BitFit", {}, 1e-3),
+    "bitfit": ("lightning_peft.BitFit", {}, 3e-3),
 }
 #: init_args copied from the YAML's own method into every preset that accepts them
 SHARED_ARGS = {"modules_to_save": None, "target_modules": ("lora", "dora")}

@@ -67,7 +67,7 @@ def test_run_config_swaps_the_method_and_drops_checkpointing(tmp_path: Path) -> 
     assert full is None and full_lr == 3e-5
     # a YAML file as a method: its PEFTCallback method and its model's lr
     ia3, ia3_lr = method_entry(str(ROOT / "examples" / "configs" / "sst2_ia3.yaml"), base, {})
-    assert ia3["class_path"] == "lightning_peft.IA3" and ia3_lr == pytest.approx(3e-3)
+    assert ia3["class_path"] == "lightning_peft.IA3" and ia3_lr == pytest.approx(1e-2)
 
 
 @pytest.mark.slow
