@@ -350,7 +350,7 @@ class PrefixTuning(PEFTMethod):
         replace_module(model, name, layer)
         if self.encoder_prefix:
             encoder = targets[1]
-            geometry = encoder_geometry(outer.config, kv_geometry(outer.config, type(self).__name__))
+            geometry = encoder_geometry(outer.config, geometry)  # the decoder's, with the encoder's counts
             layer = EncoderPrefixLayer(
                 model.get_submodule(encoder),
                 self.num_virtual_tokens,
