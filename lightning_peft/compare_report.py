@@ -97,6 +97,23 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def label_offsets(
+    anchors: Sequence[tuple[float, float]], names: Sequence[str], height: float = 9.0, first: float = 4.0
+) -> list[float]:
+    """Vertical offsets (points) for labels written to the right of their points (``anchors``, in points), so
+    that no two labels overlap: a label that would cover an earlier one moves down one line at a time."""
+    placed: list[tuple[float, float, float]] = []  # (left x, baseline y, width) of the labels so far
+    offsets = []
+    for (x, y), name in zip(anchors, names, strict=True):
+        width = 5.0 * len(name)  # about 5 points per character at font size 8
+        dy = first
+        while any(abs(x - px) < max(width, pw) and abs((y + dy) - py) < height for px, py, pw in placed):
+            dy -= height
+        placed.append((x, y + dy, width))
+        offsets.append(dy)
+    return offsets
+
+
 def write_plots(rows: Sequence[dict[str, Any]], output: Path) -> dict[str, Path]:
     """Validation accuracy against trainable parameters (log x) and against training time; needs
     matplotlib (the ``plots`` extra). Returns the files written (none without matplotlib)."""
@@ -118,9 +135,19 @@ def write_plots(rows: Sequence[dict[str, Any]], output: Path) -> dict[str, Path]
         for r in points:
             y, err = 100 * r["val_acc_mean"], 100 * (r["val_acc_std"] or 0.0)
             ax.errorbar(r[key], y, yerr=err or None, fmt="o", capsize=3)
-            ax.annotate(r["method"], (r[key], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         if log:
             ax.set_xscale("log")
+        ax.autoscale_view()
+        # methods with (nearly) the same figures, e.g. LoRA and DoRA, would print their names on top of each other
+        to_points = 72.0 / fig.dpi
+        anchors = [
+            tuple(float(v) * to_points for v in ax.transData.transform((r[key], 100 * r["val_acc_mean"])))
+            for r in points
+        ]
+        offsets = label_offsets(anchors, [r["method"] for r in points])
+        for r, dy in zip(points, offsets, strict=True):
+            xy = (r[key], 100 * r["val_acc_mean"])
+            ax.annotate(r["method"], xy, textcoords="offset points", xytext=(5, dy), fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(True, alpha=0.3)

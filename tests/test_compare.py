@@ -12,7 +12,7 @@ from helpers import SST2_DIR
 
 from lightning_peft.cli import main as cli_main
 from lightning_peft.compare import method_entry, run_config, spec_hash
-from lightning_peft.compare_report import aggregate, markdown, mean_std
+from lightning_peft.compare_report import aggregate, label_offsets, markdown, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_YAML = ROOT / "examples" / "configs" / "sst2_lora.yaml"
@@ -46,6 +46,17 @@ def test_mean_and_sample_std_over_seeds() -> None:
     table = markdown(rows)
     assert "| lora | 74,498 | 0.33% | 82.0% ± 2.0 | 80.0% ± 0.0 |" in table
     assert mean_std([0.5]) == (0.5, None)
+
+
+def test_plot_labels_of_coinciding_points_do_not_overlap() -> None:
+    # LoRA and DoRA often land on the same spot; a third point far away keeps its usual place
+    offsets = label_offsets(
+        [(100.0, 50.0), (101.0, 50.5), (102.0, 49.0), (300.0, 50.0)], ["lora", "dora", "ia3", "full"]
+    )
+    assert offsets[0] == offsets[3] == 4.0
+    assert len({offsets[0], offsets[1], offsets[2]}) == 3
+    label_y = [y + dy for (_, y), dy in zip([(0, 50.0), (0, 50.5), (0, 49.0)], offsets[:3], strict=True)]
+    assert min(abs(a - b) for i, a in enumerate(label_y) for b in label_y[i + 1 :]) >= 9.0
 
 
 def test_run_config_swaps_the_method_and_drops_checkpointing(tmp_path: Path) -> None:
