@@ -134,7 +134,13 @@ class LoRALinear(PEFTLayer):
         result = self.base_layer(x)  # (..., out)
         if self.merged:
             return result
-        return result + self.lora_forward(x).to(result.dtype)
+        if self.lora_B_bias is not None or result.dtype != self.lora_B.dtype:
+            return result + self.lora_forward(x).to(result.dtype)
+        hidden = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling  # (..., r)
+        # W x + b + (s·A x̃) Bᵀ as one accumulating GEMM: no (..., out) temporary for the branch and no
+        # separate add pass over the output, forward or backward
+        flat = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, self.r), self.lora_B.t())
+        return flat.view(result.shape)  # (..., out)
 
     def _base_weight_update(self, delta: torch.Tensor, sign: float) -> None:
         weight = self.base_layer.weight
