@@ -29,6 +29,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lightning_peft.quiet import silence_known_noise  # noqa: E402
+
+# the benchmarks print tables: Lightning's litlogger tip and its internal _pytree deprecation are noise there
+silence_known_noise()
+
 METHODS: tuple[str, ...] = ("lora", "dora", "ia3", "adapter", "prefix", "prompt", "bitfit")
 #: methods HF PEFT also has (its prefix tuning fails on BERT with transformers 5; the benchmark says so)
 PEFT_EQUIVALENTS: tuple[str, ...] = ("lora", "dora", "ia3", "prefix", "prompt")
