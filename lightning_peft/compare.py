@@ -41,11 +41,11 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "fals
 
 #: built-in method presets: (class_path, init_args, learning rate); modules_to_save comes from the YAML
 PRESETS: dict[str, tuple[str | None, dict[str, Any], float]] = {
-    FULL: (None, {}, 2e-5),
+    FULL: (None, {}, 1e-4),
     "lora": ("lightning_peft.LoRA", {"r": 8, "alpha": 16, "dropout": 0.1}, 1e-3),
-    "dora": ("lightning_peft.DoRA", {"r": 8, "alpha": 16, "dropout": 0.1}, 1e-3),
-    "ia3": ("lightning_peft.IA3", {}, 1e-2),
-    "adapter": ("lightning_peft.Adapter", {"placement": "pfeiffer", "reduction_factor": 16}, 1e-3),
+    "dora": ("lightning_peft.DoRA", {"r": 8, "alpha": 16, "dropout": 0.1}, 3e-3),
+    "ia3": ("lightning_peft.IA3", {}, 3e-2),
+    "adapter": ("lightning_peft.Adapter", {"placement": "pfeiffer", "reduction_factor": 16}, 3e-3),
     "houlsby": ("lightning_peft.Adapter", {"placement": "houlsby", "reduction_factor": 16}, 1e-3),
     "prefix": ("lightning_peft.PrefixTuning", {"num_virtual_tokens": 20}, 3e-2),
     "prompt": ("lightning_peft.PromptTuning", {"num_virtual_tokens": 20, "init": "vocab"}, 3e-2),

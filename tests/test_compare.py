@@ -11,7 +11,7 @@ import yaml
 from helpers import SST2_DIR
 
 from lightning_peft.cli import main as cli_main
-from lightning_peft.compare import method_entry, run_config, spec_hash
+from lightning_peft.compare import PRESETS, method_entry, run_config, spec_hash
 from lightning_peft.compare_report import aggregate, label_offsets, markdown, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_run_config_swaps_the_method_and_drops_checkpointing(tmp_path: Path) -> 
     assert full is None and full_lr == 3e-5
     # a YAML file as a method: its PEFTCallback method and its model's lr
     ia3, ia3_lr = method_entry(str(ROOT / "examples" / "configs" / "sst2_ia3.yaml"), base, {})
-    assert ia3["class_path"] == "lightning_peft.IA3" and ia3_lr == pytest.approx(1e-2)
+    assert ia3["class_path"] == "lightning_peft.IA3" and ia3_lr == pytest.approx(3e-2)
 
 
 @pytest.mark.slow
@@ -135,3 +135,24 @@ def test_a_run_is_kept_only_for_the_same_configuration(tmp_path: Path) -> None:
     assert spec_hash(here) == spec_hash(elsewhere)  # the output folder does not change what is trained
     assert spec_hash(here) != spec_hash(run_config(base, method, 2 * lr, 0, tmp_path, "lora"))
     assert spec_hash(here) != spec_hash(run_config(base, method, lr, 1, tmp_path, "lora"))
+
+
+@pytest.mark.parametrize(
+    ("preset", "config"),
+    [
+        ("full", "sst2_full_finetune.yaml"),
+        ("lora", "sst2_lora.yaml"),
+        ("dora", "sst2_dora.yaml"),
+        ("ia3", "sst2_ia3.yaml"),
+        ("adapter", "sst2_adapter_pfeiffer.yaml"),
+        ("houlsby", "sst2_adapter_houlsby.yaml"),
+        ("prefix", "sst2_prefix.yaml"),
+        ("prompt", "sst2_prompt.yaml"),
+        ("bitfit", "sst2_bitfit.yaml"),
+    ],
+)
+def test_presets_use_the_learning_rates_of_the_example_configs(preset: str, config: str) -> None:
+    # the sweep's winners live in two places; `compare` must train what `fit --config` trains
+    path = Path(__file__).parents[1] / "examples" / "configs" / config
+    yaml_lr = float(yaml.safe_load(path.read_text())["model"]["init_args"]["lr"])
+    assert PRESETS[preset][2] == pytest.approx(yaml_lr)
