@@ -124,10 +124,12 @@ class LoRALinear(PEFTLayer):
         """s · B A as an (out, in) matrix."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def lora_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in) -> (..., r); scaling the r-wide intermediate costs r/out of scaling the output
+        return F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
+
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., in) -> (..., r) -> (..., out); scaling the r-wide intermediate costs r/out of scaling the output
-        x = self.lora_dropout(x).to(self.lora_A.dtype)
-        out = F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        out = F.linear(self.lora_hidden(x), self.lora_B)  # (..., out)
         return out if self.lora_B_bias is None else out + self.scaling * self.lora_B_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +138,7 @@ class LoRALinear(PEFTLayer):
             return result
         if self.lora_B_bias is not None or result.dtype != self.lora_B.dtype:
             return result + self.lora_forward(x).to(result.dtype)
-        hidden = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling  # (..., r)
+        hidden = self.lora_hidden(x)  # (..., r)
         # W x + b + (s·A x̃) Bᵀ as one accumulating GEMM: no (..., out) temporary for the branch and no
         # separate add pass over the output, forward or backward
         flat = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, self.r), self.lora_B.t())
