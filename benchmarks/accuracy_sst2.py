@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from text_classification import TextClassificationDataModule, resolve_model_path  # noqa: E402
 
 import lightning_peft as lp  # noqa: E402
-from lightning_peft.quiet import quiet_model_loading  # noqa: E402
+from lightning_peft.library_noise import quiet_model_loading  # noqa: E402
 
 TARGETS = ["query", "value"]
 METHOD_ARGS: dict[str, Any] = {}

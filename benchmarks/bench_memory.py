@@ -38,7 +38,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_peft.hf import set_activation_checkpointing  # noqa: E402
+from lightning_peft.core.base_model import set_activation_checkpointing  # noqa: E402
 
 FULL = "full fine-tuning"
 MiB = 2**20

@@ -90,7 +90,7 @@ def lora() -> lp.LoRA:
 def stored_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer as stored, plus the quantisation statistics of 4-bit weights."""
     total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    from lightning_peft.quantized import quantized_modules
+    from lightning_peft.core.quantized import quantized_modules
 
     for _, module in quantized_modules(model):
         state = getattr(module.weight, "quant_state", None)
@@ -183,7 +183,7 @@ def evaluate(model: nn.Module, loader: Any) -> float:
 def merge_figures(model: nn.Module, loader: Any) -> str:
     """Merge the trained adapter into the quantized weights (requantized): test accuracy, the largest weight
     error against the exact sum relative to its bound, and the largest logit change on one batch."""
-    from lightning_peft.quantized import dequantized_weight, merge_error_bound
+    from lightning_peft.core.quantized import dequantized_weight, merge_error_bound
 
     layers = [m for m in model.modules() if isinstance(m, lp.LoRA.layer_class)]
     exact = [dequantized_weight(layer.base_layer) + layer.delta_weight().detach() for layer in layers]

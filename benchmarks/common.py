@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_peft.quiet import silence_known_noise  # noqa: E402
+from lightning_peft.library_noise import silence_known_noise  # noqa: E402
 
 # the benchmarks print tables: Lightning's litlogger tip and its internal _pytree deprecation are noise there
 silence_known_noise()

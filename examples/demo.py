@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from text_classification import SequenceClassifier, TextClassificationDataModule  # noqa: E402
 
 from lightning_peft import LoRA, PEFTCallback, count_parameters, load_adapter, save_adapter  # noqa: E402
-from lightning_peft.quiet import silence_known_noise  # noqa: E402
+from lightning_peft.library_noise import silence_known_noise  # noqa: E402
 
 EXAMPLES = [
     "a gripping, beautifully acted film that stays with you long after the credits roll",

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
 
-from lightning_peft.hf import set_activation_checkpointing
-from lightning_peft.quiet import quiet_model_loading
+from lightning_peft.core.base_model import set_activation_checkpointing
+from lightning_peft.library_noise import quiet_model_loading
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "sst2"

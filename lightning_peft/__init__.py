@@ -1,17 +1,12 @@
 """lightning-peft: parameter-efficient fine-tuning for PyTorch Lightning."""
 
-from lightning_peft.adapters import (
-    active_adapters,
-    add_adapter,
-    delete_adapter,
-    disable_adapters,
-    list_adapters,
-    set_adapter,
-)
-from lightning_peft.callback import PEFTCallback
-from lightning_peft.combine_folders import combine_adapter_folders, combine_adapters
-from lightning_peft.io import load_adapter, load_peft_checkpoint, save_adapter
-from lightning_peft.lifecycle import PEFTLifecycle
+from lightning_peft.combine.folders import combine_adapter_folders, combine_adapters
+from lightning_peft.files.load import load_adapter
+from lightning_peft.files.save import save_adapter
+from lightning_peft.lightning.callback import PEFTCallback
+from lightning_peft.lightning.checkpoints import load_peft_checkpoint
+from lightning_peft.lightning.lifecycle import PEFTLifecycle
+from lightning_peft.lightning.mixin import PEFTMixin
 from lightning_peft.methods import (
     IA3,
     Adapter,
@@ -25,17 +20,18 @@ from lightning_peft.methods import (
     available_methods,
     register_method,
 )
-from lightning_peft.mixin import PEFTMixin
-from lightning_peft.model import (
-    adapter_state_dict,
-    apply_peft,
-    count_parameters,
-    merge_adapter,
-    merge_and_unload,
-    remove_peft,
-    trainable_parameter_names,
-    unmerge_adapter,
+from lightning_peft.ops.attach import apply_peft, remove_peft
+from lightning_peft.ops.merging import merge_adapter, merge_and_unload, unmerge_adapter
+from lightning_peft.ops.named_adapters import (
+    active_adapters,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
+    set_adapter,
 )
+from lightning_peft.ops.parameters import count_parameters, trainable_parameter_names
+from lightning_peft.ops.state_dict import adapter_state_dict
 from lightning_peft.version import __version__ as __version__
 
 __all__ = [

@@ -38,7 +38,7 @@ from lightning_peft import (  # noqa: E402
     adapter_state_dict,
     save_adapter,
 )
-from lightning_peft.hf import set_activation_checkpointing  # noqa: E402
+from lightning_peft.core.base_model import set_activation_checkpointing  # noqa: E402
 
 N_SAMPLES = 32
 BATCH_PER_RANK = 8
@@ -282,7 +282,7 @@ def run_ddp_spawn(out: Path, results: dict[str, Any]) -> None:
     module = DDPModule(seed=0)
     checkpoints = ModelCheckpoint(dirpath=out / "ckpt", save_last=True, save_top_k=0)
     trainer(out, "ddp_spawn", [checkpoints, Probe(out)], plugins=[CountingIO(out)]).fit(module)
-    from lightning_peft.model import is_attached
+    from lightning_peft.core.record import is_attached
 
     # documented pitfall: with the callback, the module in this (main) process never gets the adapter
     results["main_process_attached"] = is_attached(module)

@@ -280,7 +280,7 @@ def tiny_with(kind: str, method: Any, seed: int = 0) -> nn.Module:
 
 def only_layer(model: nn.Module, layer_type: type[L]) -> L:
     """The one attached layer of ``layer_type`` (the wrapper that prompt and prefix tuning put in)."""
-    from lightning_peft.model import peft_layers
+    from lightning_peft.ops.parameters import peft_layers
 
     layers = [layer for _, layer in peft_layers(model) if isinstance(layer, layer_type)]
     assert len(layers) == 1

@@ -54,7 +54,7 @@ def load_bert(folder: Path | str, kind: str | None, **overrides: Any) -> nn.Modu
 def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The quantized tensors of every quantized layer (packed weight and statistics; biases are plain floats that
     BitFit trains), keyed by layer and name."""
-    from lightning_peft.quantized import quantized_modules
+    from lightning_peft.core.quantized import quantized_modules
 
     found: dict[str, torch.Tensor] = {}
     for name, module in quantized_modules(model):

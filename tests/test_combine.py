@@ -21,7 +21,7 @@ from lightning_peft import (
     merge_and_unload,
     save_adapter,
 )
-from lightning_peft.combine import LoRAFactors, combine_layer, dora_norm, dora_weight
+from lightning_peft.combine.deltas import LoRAFactors, combine_layer, dora_norm, dora_weight
 
 OUT, IN = 6, 5
 WEIGHTS = [0.7, -0.4, 1.3]

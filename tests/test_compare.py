@@ -11,8 +11,8 @@ import yaml
 from helpers import SST2_DIR
 
 from lightning_peft.cli import main as cli_main
-from lightning_peft.compare import PRESETS, method_entry, run_config, spec_hash
-from lightning_peft.compare_report import aggregate, label_offsets, markdown, mean_std
+from lightning_peft.cli.compare import PRESETS, method_entry, run_config, spec_hash
+from lightning_peft.cli.compare_report import aggregate, label_offsets, markdown, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_YAML = ROOT / "examples" / "configs" / "sst2_lora.yaml"

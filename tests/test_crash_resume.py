@@ -23,7 +23,7 @@ from helpers import MLPModule, fast_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import LoRA, PEFTCallback, load_adapter, save_adapter
-from lightning_peft.model import is_attached
+from lightning_peft.core.record import is_attached
 
 BATCHES = 6  # per epoch
 EPOCHS = 2

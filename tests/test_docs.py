@@ -130,8 +130,8 @@ def test_every_page_is_in_the_nav() -> None:
 
 def test_documented_default_targets() -> None:
     # rows of the default-target tables of docs/methods/{lora,ia3,adapters}.md; update them when this fails
-    from lightning_peft import hf_targets
-    from lightning_peft.hf_targets import BERT_FFN_OUT
+    from lightning_peft.core import default_targets as hf_targets
+    from lightning_peft.core.default_targets import BERT_FFN_OUT
     from lightning_peft.methods import adapter
 
     llama_like = ("llama", "mistral", "qwen2", "gemma", "gemma2", "granite", "olmo")

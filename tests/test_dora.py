@@ -28,18 +28,14 @@ from helpers import (
 from torch import nn
 
 from lightning_peft import PEFTCallback
-from lightning_peft.io import load_adapter, save_adapter
+from lightning_peft.files.load import load_adapter
+from lightning_peft.files.save import save_adapter
 from lightning_peft.methods import DoRA, LoRA
 from lightning_peft.methods.dora import DoRALinear
-from lightning_peft.model import (
-    adapter_state_dict,
-    apply_peft,
-    count_parameters,
-    merge_adapter,
-    merge_and_unload,
-    trainable_parameter_names,
-    unmerge_adapter,
-)
+from lightning_peft.ops.attach import apply_peft
+from lightning_peft.ops.merging import merge_adapter, merge_and_unload, unmerge_adapter
+from lightning_peft.ops.parameters import count_parameters, trainable_parameter_names
+from lightning_peft.ops.state_dict import adapter_state_dict
 
 peft = pytest.importorskip("peft")
 

@@ -21,7 +21,7 @@ from torch import nn
 from zoo_models import ZOO
 
 from lightning_peft import PrefixTuning, apply_peft, load_adapter, save_adapter
-from lightning_peft.hf import set_activation_checkpointing
+from lightning_peft.core.base_model import set_activation_checkpointing
 from lightning_peft.methods.prefix import EncoderPrefixLayer
 
 SEQ2SEQ = {z.name: z for z in ZOO if z.kind == "encoder-decoder"}

@@ -14,7 +14,7 @@ from helpers import MLP, tiny_bert
 from safetensors.torch import load_file, save_file
 
 from lightning_peft import BitFit, LoRA, apply_peft, load_adapter, save_adapter
-from lightning_peft.model import is_attached
+from lightning_peft.core.record import is_attached
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -184,7 +184,7 @@ def test_nonfinite_checkpoint_refused_by_load_peft_checkpoint_and_the_mixin(tmp_
     from helpers import HFModule
 
     from lightning_peft import PEFTMixin, load_peft_checkpoint
-    from lightning_peft.io import filter_checkpoint
+    from lightning_peft.lightning.checkpoints import filter_checkpoint
 
     class Module(PEFTMixin, HFModule):
         def __init__(self) -> None:

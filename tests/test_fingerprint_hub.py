@@ -14,7 +14,7 @@ from torch import nn
 
 import lightning_peft
 from lightning_peft import BitFit, LoRA, apply_peft, load_adapter, save_adapter
-from lightning_peft.model import is_attached
+from lightning_peft.core.record import is_attached
 
 
 def tiny_bert_variant(
@@ -115,7 +115,7 @@ def test_the_fingerprint_ignores_the_lightning_module_around_the_model(tmp_path:
 
 
 def test_target_shapes_are_logical_for_packed_quantised_weights() -> None:
-    from lightning_peft.fingerprint import target_shape
+    from lightning_peft.files.fingerprint import target_shape
 
     layer = nn.Linear(8, 6)
     assert target_shape(layer) == [6, 8]
@@ -126,7 +126,7 @@ def test_target_shapes_are_logical_for_packed_quantised_weights() -> None:
 
 
 def test_the_architecture_is_seen_through_fsdp2_s_subclass() -> None:
-    from lightning_peft.fingerprint import architecture
+    from lightning_peft.files.fingerprint import architecture
 
     model = TINY_MODELS["bert"]()
     # fully_shard() swaps the class for a dynamic FSDP<Class>(FSDPModule, Class) subclass

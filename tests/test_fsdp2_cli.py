@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from lightning_peft import load_adapter
-from lightning_peft.model import trainable_parameter_names
+from lightning_peft.ops.parameters import trainable_parameter_names
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from lightning_peft import LoRA, PEFTCallback, apply_peft, available_methods, save_adapter
+from lightning_peft.core.record import is_attached
 from lightning_peft.distributed import configure_strategy, peft_auto_wrap_policy
 from lightning_peft.methods import PEFTLayer, get_method_class
-from lightning_peft.model import is_attached
 
 
 def fsdp1_units(root: nn.Module, policy: object) -> list[tuple[str, list[str]]]:

@@ -25,8 +25,8 @@ from lightning_peft import (
     remove_peft,
     trainable_parameter_names,
 )
-from lightning_peft.model import peft_layers
-from lightning_peft.record import get_record, is_attached
+from lightning_peft.core.record import get_record, is_attached
+from lightning_peft.ops.parameters import peft_layers
 
 METHOD = dict(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
 ENTRY_POINTS = ["callback", "mixin"]

@@ -21,7 +21,7 @@ from lightning_peft import (
     unmerge_adapter,
 )
 from lightning_peft.methods.lora import LoRALinear
-from lightning_peft.model import peft_layers
+from lightning_peft.ops.parameters import peft_layers
 
 
 def randomize_lora(model: nn.Module, seed: int = 0) -> None:

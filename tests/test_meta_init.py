@@ -28,7 +28,7 @@ from lightning_peft import (
     remove_peft,
     trainable_parameter_names,
 )
-from lightning_peft.participation import disarm, start_training
+from lightning_peft.ops.participation import disarm, start_training
 
 METHODS = every_method()
 IDENTITY = {"lora", "dora", "ia3", "adapter", "bitfit"}

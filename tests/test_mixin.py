@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_method_table import METHODS
 
 from lightning_peft import LoRA, PEFTMixin, trainable_parameter_names
-from lightning_peft.model import peft_layers
+from lightning_peft.ops.parameters import peft_layers
 
 
 class LoRAClassifier(PEFTMixin, HFModule):

@@ -33,7 +33,7 @@ from lightning_peft import (
     set_adapter,
     trainable_parameter_names,
 )
-from lightning_peft.model import peft_layers
+from lightning_peft.ops.parameters import peft_layers
 
 ADAPTERS: dict[str, Any] = {
     "a": LoRA(r=2, target_modules=["query", "value"]),

@@ -1,4 +1,4 @@
-"""The guard against silent no-ops (lightning_peft/participation.py) and the architecture fixes it found."""
+"""The guard against silent no-ops (lightning_peft/ops/participation.py) and the architecture fixes it found."""
 
 from __future__ import annotations
 

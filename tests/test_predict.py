@@ -15,9 +15,12 @@ import pytest
 import torch
 
 from lightning_peft import LoRA, apply_peft, save_adapter
-from lightning_peft.cli import cli, record_metadata
-from lightning_peft.io import filter_checkpoint
-from lightning_peft.predict import TextClassifierPipeline, load_classifier, main, resolve_model_path
+from lightning_peft.cli import cli
+from lightning_peft.cli.classify import main
+from lightning_peft.cli.lightning_cli import record_metadata
+from lightning_peft.inference.pipeline import TextClassifierPipeline
+from lightning_peft.inference.rebuild import load_classifier, resolve_model_path
+from lightning_peft.lightning.checkpoints import filter_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a gripping, beautifully acted film", "a tedious, overlong mess", "fine", "the jokes are stale"]

@@ -37,7 +37,7 @@ from lightning_peft import (
     trainable_parameter_names,
 )
 from lightning_peft.methods.prefix import PrefixLayer
-from lightning_peft.model import peft_layers
+from lightning_peft.ops.parameters import peft_layers
 
 P = 3
 #: columns of the prefix matrix: layers · 2 · (key/value heads × head size)

@@ -14,9 +14,9 @@ from test_prefix import P, prefix_layer, with_prefix
 from torch import nn
 
 from lightning_peft import remove_peft, trainable_parameter_names
+from lightning_peft.core.base_model import set_activation_checkpointing
 from lightning_peft.distributed import enable_input_grads
-from lightning_peft.hf import set_activation_checkpointing
-from lightning_peft.methods._prefix_cache import PrefixAttentionHook, remove_hooks
+from lightning_peft.methods.prefix.cache import PrefixAttentionHook, remove_hooks
 
 KINDS = ["bert", "gpt2", "llama"]
 BLOCKS = {"bert": "BertLayer", "gpt2": "GPT2Block", "llama": "LlamaDecoderLayer"}

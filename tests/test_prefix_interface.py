@@ -8,7 +8,7 @@ from helpers import tiny_bert
 from zoo_models import ZOO
 
 from lightning_peft import PrefixTuning, apply_peft
-from lightning_peft.hf import set_activation_checkpointing
+from lightning_peft.core.base_model import set_activation_checkpointing
 from lightning_peft.methods.prefix import InterfacePrefixLayer
 
 ZOO_BY_NAME = {z.name: z for z in ZOO}

@@ -36,7 +36,7 @@ from lightning_peft import (
     trainable_parameter_names,
 )
 from lightning_peft.methods.prompt import PromptEmbedding
-from lightning_peft.model import peft_layers
+from lightning_peft.ops.parameters import peft_layers
 
 P = 3
 TASKS = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM"}

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from lightning_peft.core.targeting import find_targets, matches_any, name_matches
 from lightning_peft.methods import PEFTMethod, method_from_dict
 from lightning_peft.methods.registry import _REGISTRY
-from lightning_peft.targeting import find_targets, matches_any, name_matches
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -170,7 +170,7 @@ def test_lightning_cli_yaml_round_trip(method: PEFTMethod) -> None:
     """As written in a LightningCLI config (``class_path`` + ``init_args``) and parsed by jsonargparse."""
     from jsonargparse import ArgumentParser
 
-    from lightning_peft.cli import _configure_jsonargparse
+    from lightning_peft.cli.lightning_cli import _configure_jsonargparse
 
     _configure_jsonargparse()
     parser = ArgumentParser(exit_on_error=False)

@@ -40,11 +40,11 @@ from lightning_peft import (
     trainable_parameter_names,
     unmerge_adapter,
 )
-from lightning_peft.model import peft_layers
+from lightning_peft.ops.parameters import peft_layers
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from lightning_peft.quantized import (  # noqa: E402
+from lightning_peft.core.quantized import (  # noqa: E402
     check_fsdp_quant_storage,
     dequantized_weight,
     keep_adapter_unquantized,

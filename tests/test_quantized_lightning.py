@@ -160,7 +160,7 @@ def test_qlora_example_config_trains_a_4bit_minilm(tmp_path: Path, monkeypatch: 
     monkeypatch.syspath_prepend(str(root))
     monkeypatch.setattr(sys, "argv", ["lightning-peft"])
     from lightning_peft.cli import cli
-    from lightning_peft.quantized import quantization_of, quantized_modules
+    from lightning_peft.core.quantized import quantization_of, quantized_modules
 
     config = str(root / "examples" / "configs" / "sst2_qlora.yaml")
     overrides = [

@@ -15,8 +15,8 @@ from torch import nn
 
 from lightning_peft import LoRA, PEFTCallback, apply_peft, load_adapter, save_adapter
 from lightning_peft.cli import main as cli_main
-from lightning_peft.hf import AmbiguousBaseModelError, base_prefix
-from lightning_peft.reader import ADAPTER_WEIGHTS, read_adapter
+from lightning_peft.core.base_model import AmbiguousBaseModelError, base_prefix
+from lightning_peft.files.reader import ADAPTER_WEIGHTS, read_adapter
 
 
 class CausalLM(pl.LightningModule):

@@ -26,8 +26,8 @@ from lightning_peft import (
     save_adapter,
     trainable_parameter_names,
 )
+from lightning_peft.core.base_model import set_activation_checkpointing
 from lightning_peft.distributed import enable_input_grads
-from lightning_peft.hf import set_activation_checkpointing
 from lightning_peft.methods import PEFTLayer, get_method_class
 
 
@@ -248,7 +248,7 @@ def test_reentrant_checkpointing_is_detected() -> None:
     """What the DDP check for prefix tuning relies on (transformers' switch and torch's wrapper)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-    from lightning_peft.distributed.checkpointing import _reentrant_checkpointing
+    from lightning_peft.distributed.activation_checkpointing import _reentrant_checkpointing
 
     model = tiny_bert()
     assert not _reentrant_checkpointing(model)

@@ -16,8 +16,8 @@ from test_mixin import LoRAClassifier
 
 from lightning_peft import LoRA, PEFTCallback, load_adapter, load_peft_checkpoint, save_adapter
 from lightning_peft.cli import cli
+from lightning_peft.files.safe_load import UnsafeFileError
 from lightning_peft.methods import method_from_dict
-from lightning_peft.safe_load import UnsafeFileError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_mixin_load_from_checkpoint_refuses(payload: tuple[Path, Path]) -> None:
 
 
 def test_classify_pipeline_refuses(payload: tuple[Path, Path]) -> None:
-    from lightning_peft.predict import TextClassifierPipeline
+    from lightning_peft.inference.pipeline import TextClassifierPipeline
 
     path, marker = payload
     with pytest.raises(UnsafeFileError) as info:
@@ -203,7 +203,7 @@ def test_a_file_cannot_make_loading_fetch_a_tokenizer(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from lightning_peft import PromptTuning, apply_peft
-    from lightning_peft.model import attached_methods
+    from lightning_peft.core.record import attached_methods
 
     model = tiny_gpt2()
     apply_peft(model, PromptTuning(num_virtual_tokens=3))

@@ -36,7 +36,7 @@ from lightning_peft import (
     save_adapter,
     trainable_parameter_names,
 )
-from lightning_peft.participation import arm, check_forward
+from lightning_peft.ops.participation import arm, check_forward
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "model_zoo.md"
 METHODS: dict[str, type[PEFTMethod]] = {

@@ -18,7 +18,7 @@ need :func:`peft_auto_wrap_policy` (FSDP1). What happens, and when:
   what to do. (The error must not repeat DDP's wording: Lightning replaces such messages with its own.)
 """
 
-from lightning_peft.distributed.checkpointing import enable_input_grads
+from lightning_peft.distributed.activation_checkpointing import enable_input_grads
 from lightning_peft.distributed.fsdp_policy import peft_auto_wrap_policy, peft_wrap_targets
 from lightning_peft.distributed.gradients import check_gradients
 from lightning_peft.distributed.strategies import (

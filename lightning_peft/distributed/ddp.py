@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from lightning_peft.distributed.checkpointing import _reentrant_checkpointing
-from lightning_peft.model import peft_layers
+from lightning_peft.distributed.activation_checkpointing import _reentrant_checkpointing
+from lightning_peft.ops.parameters import peft_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_peft.core.record import get_record
 from lightning_peft.distributed.ddp import _ddp_handles_unused
 from lightning_peft.distributed.strategies import _strategy_kind
-from lightning_peft.model import state_dict_key, trainable_parameter_names
-from lightning_peft.participation import check_method_gradients
-from lightning_peft.record import get_record
+from lightning_peft.ops.parameters import trainable_parameter_names
+from lightning_peft.ops.participation import check_method_gradients
+from lightning_peft.ops.state_dict import state_dict_key
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.quantized import check_fsdp_quant_storage
+from lightning_peft.core.quantized import check_fsdp_quant_storage
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from lightning_peft.distributed.checkpointing import enable_input_grads
+from lightning_peft.core.record import ensure_record
+from lightning_peft.distributed.activation_checkpointing import enable_input_grads
 from lightning_peft.distributed.ddp import _check_ddp_reentrant_sharing, _check_ddp_registration
 from lightning_peft.distributed.strategies import _strategy_kind
-from lightning_peft.participation import start_training
-from lightning_peft.record import ensure_record
+from lightning_peft.ops.participation import start_training
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_peft.hf import base_model_name, pretrained_model_class
-from lightning_peft.hf import task_type_of as hf_task_type
+from lightning_peft.core.base_model import base_model_name, pretrained_model_class
+from lightning_peft.core.base_model import task_type_of as hf_task_type
 from lightning_peft.methods.base import PEFTLayer
 
 #: keyword under which the backbone takes its key/value cache (transformers ≥ 5.2x, then older releases)
@@ -31,7 +31,7 @@ CACHE_KEYS = ("cache", "past_key_values")
 
 
 def find_outer(model: nn.Module, method: str) -> tuple[str, nn.Module]:
-    """``(name, module)`` of the base transformers model in ``model`` (:func:`lightning_peft.hf.base_model_name`)."""
+    """``(name, module)`` of the base transformers model in ``model`` (:func:`lightning_peft.core.base_model.base_model_name`)."""
     outer_name = base_model_name(model)  # raises when several transformers models are present
     if outer_name is None:
         raise ValueError(

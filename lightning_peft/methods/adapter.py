@@ -26,8 +26,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.hf import model_description, model_type_of
-from lightning_peft.hf_targets import ADAPTER_PLACEMENT
+from lightning_peft.core.base_model import model_description, model_type_of
+from lightning_peft.core.default_targets import ADAPTER_PLACEMENT
+from lightning_peft.core.record import mark_trainable
+from lightning_peft.core.targeting import (
+    ModuleTargets,
+    find_targets,
+    innermost,
+    is_linear_like,
+    linear_dims,
+    wrap_target,
+)
 from lightning_peft.methods.base import (
     AdapterLinear,
     PEFTLayer,
@@ -38,15 +47,6 @@ from lightning_peft.methods.base import (
     check_positive_int,
 )
 from lightning_peft.methods.registry import register_method
-from lightning_peft.record import mark_trainable
-from lightning_peft.targeting import (
-    ModuleTargets,
-    find_targets,
-    innermost,
-    is_linear_like,
-    linear_dims,
-    wrap_target,
-)
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -210,7 +210,7 @@ class Adapter(PEFTMethod):
                 f"target_modules=None: Adapter on {model_description(model)} has no default placement for "
                 f"model_type={model_type!r}; pass target_modules naming the projections after which adapters "
                 "go (e.g. the attention output and feed-forward output layers). "
-                f"{len(ADAPTER_PLACEMENT)} model types have defaults, listed in lightning_peft/hf_targets.py"
+                f"{len(ADAPTER_PLACEMENT)} model types have defaults, listed in lightning_peft/core/default_targets.py"
             )
         attention_out, ffn_out = ADAPTER_PLACEMENT[model_type]
         return [attention_out, ffn_out] if self.placement == "houlsby" else [ffn_out]

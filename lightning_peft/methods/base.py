@@ -10,7 +10,7 @@ A method is two things:
   weights and back, and how to give the base layer back (:meth:`PEFTLayer.unload`).
 
 Everything else (freezing, trainable-parameter bookkeeping, checkpoint filtering, merge of a whole model,
-save/load) is generic and lives in :mod:`lightning_peft.model`, so a new method is one new file plus one
+save/load) is generic and lives in :mod:`lightning_peft.ops.attach`, so a new method is one new file plus one
 registration line in :mod:`lightning_peft.methods`.
 """
 
@@ -27,10 +27,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_peft.targeting import ModuleTargets
+from lightning_peft.core.record import DEFAULT_ADAPTER_NAME
+from lightning_peft.core.targeting import ModuleTargets
 
-#: the adapter name of single-adapter APIs (also :data:`lightning_peft.record.DEFAULT_ADAPTER`)
-DEFAULT_ADAPTER_NAME = "default"
 #: per-sample adapter names of the forward pass in progress (``model(..., adapter_names=[...])``), or None
 ADAPTER_ROUTING: ContextVar[list[str] | None] = ContextVar("lightning_peft_adapter_routing", default=None)
 #: attributes of the wrapped layer that a wrapper exposes as its own: transformers code reads them on the module

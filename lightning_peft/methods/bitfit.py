@@ -6,7 +6,7 @@ Only bias terms train. For every affine map ``y = W x + b`` (linear layers, Laye
     y = W x + (b + Δb),      W frozen, Δb learned (stored in place: b itself is trained)
 
 Nothing is inserted into the model: the chosen biases are declared trainable with
-:func:`lightning_peft.record.mark_trainable`. Because the update lives in the base biases, a BitFit model is
+:func:`lightning_peft.core.record.mark_trainable`. Because the update lives in the base biases, a BitFit model is
 "merged" by construction; ``merge_and_unload`` simply leaves the trained biases in place.
 """
 
@@ -17,11 +17,11 @@ from typing import ClassVar
 
 from torch import nn
 
-from lightning_peft.hf import model_type_of
+from lightning_peft.core.base_model import model_type_of
+from lightning_peft.core.record import mark_trainable
+from lightning_peft.core.targeting import ModuleTargets, matches_any
 from lightning_peft.methods.base import PEFTLayer, PEFTMethod, _as_str_list, check_choice
 from lightning_peft.methods.registry import register_method
-from lightning_peft.record import mark_trainable
-from lightning_peft.targeting import ModuleTargets, matches_any
 
 BIAS_MODES = ("all", "attention", "pattern")
 #: a module name component containing one of these marks an attention sub-layer in every architecture we

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_peft.core.targeting import innermost
 from lightning_peft.methods.base import EXACT_UNMERGE_EPS
 from lightning_peft.methods.lora import LoRA, LoRALinear, weight_as_out_in
 from lightning_peft.methods.registry import register_method
-from lightning_peft.targeting import innermost
 
 
 def set_weight_out_in(layer: nn.Module, weight_out_in: torch.Tensor) -> None:

@@ -23,8 +23,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_peft.hf import default_targets, model_type_of
-from lightning_peft.hf_targets import IA3_FEEDFORWARD, IA3_TARGETS
+from lightning_peft.core.base_model import default_targets, model_type_of
+from lightning_peft.core.default_targets import IA3_FEEDFORWARD, IA3_TARGETS
+from lightning_peft.core.targeting import ModuleTargets, find_targets, linear_dims, matches_any, wrap_target
 from lightning_peft.methods.base import EXACT_UNMERGE_EPS, PEFTLayer, PEFTMethod, _as_str_list
 from lightning_peft.methods.lora import is_lora_target
 from lightning_peft.methods.lora_patterns import inside_modules_to_save
@@ -34,7 +35,6 @@ from lightning_peft.methods.peft_interop import (
     peft_module_list,
 )
 from lightning_peft.methods.registry import register_method
-from lightning_peft.targeting import ModuleTargets, find_targets, linear_dims, matches_any, wrap_target
 
 
 class IA3Layer(PEFTLayer):

@@ -20,8 +20,18 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.hf import default_targets
-from lightning_peft.hf_targets import LORA_TARGETS
+from lightning_peft.core.base_model import default_targets
+from lightning_peft.core.default_targets import LORA_TARGETS
+from lightning_peft.core.quantized import float_weight
+from lightning_peft.core.record import mark_trainable
+from lightning_peft.core.targeting import (
+    ModuleTargets,
+    conv1d_type,
+    find_targets,
+    innermost,
+    linear_dims,
+    wrap_target,
+)
 from lightning_peft.methods.base import (
     PEFTLayer,
     PEFTMethod,
@@ -45,16 +55,6 @@ from lightning_peft.methods.lora_patterns import (
 )
 from lightning_peft.methods.peft_interop import lora_kwargs_from_peft_config, lora_peft_config
 from lightning_peft.methods.registry import register_method
-from lightning_peft.quantized import float_weight
-from lightning_peft.record import mark_trainable
-from lightning_peft.targeting import (
-    ModuleTargets,
-    conv1d_type,
-    find_targets,
-    innermost,
-    linear_dims,
-    wrap_target,
-)
 
 
 def weight_as_out_in(layer: nn.Module) -> torch.Tensor:

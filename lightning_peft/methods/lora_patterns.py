@@ -27,7 +27,7 @@ _FIRST_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 def transformers_prefix(model: nn.Module) -> str:
     """``"model."`` when ``model`` holds the transformers model as ``model.model``; ``""`` otherwise (also when
     it holds several and has not said which is the base: names are then matched in full)."""
-    from lightning_peft.hf import AmbiguousBaseModelError, base_prefix
+    from lightning_peft.core.base_model import AmbiguousBaseModelError, base_prefix
 
     try:
         return base_prefix(model)
@@ -74,7 +74,7 @@ def inside_modules_to_save(name: str, modules_to_save: Sequence[str]) -> bool:
     """Whether ``name`` is one of ``modules_to_save`` or lies inside one. Such a module trains in full, so (as in
     HF PEFT) no adapter layer goes there: RoBERTa's ``classifier.dense`` is no target of ``["dense"]`` when the
     head is in ``modules_to_save``."""
-    from lightning_peft.targeting import matches_any
+    from lightning_peft.core.targeting import matches_any
 
     parts = name.split(".")
     return bool(modules_to_save) and any(

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from lightning_peft.hf import base_prefix, task_type_of
+from lightning_peft.core.base_model import base_prefix, task_type_of
+from lightning_peft.core.record import saved_module_names
+from lightning_peft.core.targeting import _REGEX_CHARS
 from lightning_peft.methods.base import PEFTLayer
-from lightning_peft.record import saved_module_names
-from lightning_peft.targeting import _REGEX_CHARS
 
 if TYPE_CHECKING:
     from lightning_peft.methods.lora import LoRA

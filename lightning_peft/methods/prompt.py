@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft.core.targeting import ModuleTargets, replace_module
 from lightning_peft.methods._virtual_tokens import (
     EncoderMaskLayer,
     VirtualTokenLayer,
@@ -41,7 +42,6 @@ from lightning_peft.methods._virtual_tokens import (
 from lightning_peft.methods.base import PEFTMethod, check_choice, check_positive_int
 from lightning_peft.methods.peft_interop import modules_to_save_from_peft
 from lightning_peft.methods.registry import register_method
-from lightning_peft.targeting import ModuleTargets, replace_module
 
 INIT_CHOICES = ("random", "vocab", "text")
 #: Lester et al. draw random prompts from U(-0.5, 0.5)

@@ -46,7 +46,7 @@ def gpu_trainer(**kwargs: Any) -> pl.Trainer:
 def test_bitsandbytes_precision_plugin_quantizes_the_base_and_trains_the_adapter(tmp_path: Path) -> None:
     from lightning.pytorch.plugins import BitsandbytesPrecision
 
-    from lightning_peft.quantized import quantization_of
+    from lightning_peft.core.quantized import quantization_of
 
     module = HFModule("bert", lr=1e-2)
     methods = [
