@@ -45,13 +45,13 @@ from lightning_peft.ops.parameters import peft_layers
 bnb = pytest.importorskip("bitsandbytes")
 
 from lightning_peft.core.quantized import (  # noqa: E402
-    check_fsdp_quant_storage,
     dequantized_weight,
-    keep_adapter_unquantized,
     merge_error_bound,
     quantization_of,
     quantized_modules,
 )
+from lightning_peft.distributed.strategies import check_fsdp_quant_storage  # noqa: E402
+from lightning_peft.lightning.precision import keep_adapter_unquantized  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt")
 

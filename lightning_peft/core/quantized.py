@@ -14,7 +14,9 @@ holds bitsandbytes layers has already imported it, so ``sys.modules`` tells whet
   so that unmerging restores them bit for bit;
 * :func:`dequantize_model` swaps every quantized layer for a plain ``nn.Linear`` (``merge_and_unload(model,
   dequantize=True)``);
-* FSDP: :func:`check_fsdp_quant_storage` refuses 4-bit weights stored as ``uint8``, which FSDP cannot shard.
+
+The FSDP check on 4-bit storage lives in :mod:`lightning_peft.distributed.strategies`, the guard for Lightning's
+``BitsandbytesPrecision`` plugin in :mod:`lightning_peft.lightning.precision`.
 """
 
 from __future__ import annotations
@@ -300,43 +302,3 @@ def _forget_quantization(module: nn.Module) -> None:
     for attribute in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
         if hasattr(module, attribute):
             setattr(module, attribute, False)
-
-
-# -- Lightning's BitsandbytesPrecision plugin -----------------------------------------------------------------
-def keep_adapter_unquantized(model: nn.Module, plugin: Any) -> list[str]:
-    """Lightning's ``BitsandbytesPrecision`` replaces every ``nn.Linear`` when the strategy sets up, after the
-    adapter is attached: exclude the linear layers that hold trainable parameters (bottleneck adapters, prefix
-    projections, ``modules_to_save`` heads, BitFit's layers) through its ``ignore_modules``, so that only frozen
-    base layers are quantized and the adapter trains in full precision. Returns the names excluded."""
-    if type(plugin).__name__ != "BitsandbytesPrecision":
-        return []
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(p.requires_grad for p in module.parameters(recurse=False))
-    ]
-    plugin.ignore_modules = set(plugin.ignore_modules) | set(names)
-    return names
-
-
-# -- FSDP ---------------------------------------------------------------------------------------------------
-def check_fsdp_quant_storage(model: nn.Module) -> None:
-    """FSDP shards a 4-bit base only when its packed weights are stored in a floating-point dtype
-    (``bnb_4bit_quant_storage``): refuse integer storage and 8-bit layers before anything is sharded.
-
-    Raises ``TypeError`` (not ``ValueError``, which PEFTCallback takes to mean "the layers are not built yet").
-    """
-    for name, module in quantized_modules(model):
-        if quantization_of(module) == "8bit":
-            raise TypeError(
-                f"{name!r} is an 8-bit bitsandbytes layer ({type(module).__name__}), which FSDP cannot shard; "
-                "load the base in 4-bit with a floating-point bnb_4bit_quant_storage instead"
-            )
-        storage = module.weight.dtype
-        if not storage.is_floating_point:
-            raise TypeError(
-                f"FSDP cannot shard the 4-bit weight of {name!r}: it is stored as {storage}. Load the base with "
-                "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=torch.bfloat16) (the dtype of the "
-                "model's other weights), so that FSDP shards and gathers the packed weights like any other "
-                "floating-point parameter"
-            )

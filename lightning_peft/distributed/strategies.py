@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.core.quantized import check_fsdp_quant_storage
+from lightning_peft.core.quantized import quantization_of, quantized_modules
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -95,3 +95,26 @@ def check_saveable(module: nn.Module) -> None:
             "adapter tensors), then in one process: save_adapter(load_peft_checkpoint(MyModule, path), folder). "
             "Under ModelParallelStrategy (FSDP2), save_adapter works when every rank calls it."
         )
+
+
+# -- FSDP and 4-bit bases ---------------------------------------------------------------------------------------------------
+def check_fsdp_quant_storage(model: nn.Module) -> None:
+    """FSDP shards a 4-bit base only when its packed weights are stored in a floating-point dtype
+    (``bnb_4bit_quant_storage``): refuse integer storage and 8-bit layers before anything is sharded.
+
+    Raises ``TypeError`` (not ``ValueError``, which PEFTCallback takes to mean "the layers are not built yet").
+    """
+    for name, module in quantized_modules(model):
+        if quantization_of(module) == "8bit":
+            raise TypeError(
+                f"{name!r} is an 8-bit bitsandbytes layer ({type(module).__name__}), which FSDP cannot shard; "
+                "load the base in 4-bit with a floating-point bnb_4bit_quant_storage instead"
+            )
+        storage = module.weight.dtype
+        if not storage.is_floating_point:
+            raise TypeError(
+                f"FSDP cannot shard the 4-bit weight of {name!r}: it is stored as {storage}. Load the base with "
+                "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=torch.bfloat16) (the dtype of the "
+                "model's other weights), so that FSDP shards and gathers the packed weights like any other "
+                "floating-point parameter"
+            )

@@ -21,7 +21,6 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_peft.core.quantized import keep_adapter_unquantized
 from lightning_peft.core.record import (
     DEFAULT_ADAPTER_NAME,
     ensure_record,
@@ -39,6 +38,7 @@ from lightning_peft.distributed import (
 from lightning_peft.files.reader import CHECKPOINT_KEY
 from lightning_peft.lightning.checkpoints import filter_checkpoint, prepare_checkpoint_load
 from lightning_peft.lightning.optimizers import fix_optimizers
+from lightning_peft.lightning.precision import keep_adapter_unquantized
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.ops.attach import apply_peft, as_method_list, remove_peft
 from lightning_peft.ops.named_adapters import add_adapter, set_adapter
