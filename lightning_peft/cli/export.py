@@ -6,9 +6,10 @@ import argparse
 from collections.abc import Sequence
 
 from lightning_peft.cli.lightning_cli import record_metadata
+from lightning_peft.core.base_model import TASK_TYPES
 from lightning_peft.core.record import attached_methods
 from lightning_peft.files.save import save_adapter
-from lightning_peft.inference.rebuild import AUTO_CLASSES, load_adapted_model
+from lightning_peft.inference.rebuild import load_adapted_model
 
 
 # -- export-adapter ------------------------------------------------------------------------------------
@@ -28,7 +29,7 @@ def export_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--task",
         default=None,
-        choices=sorted(AUTO_CLASSES),
+        choices=sorted(TASK_TYPES),
         help="HF PEFT task type of the base model (default: the one recorded in the checkpoint)",
     )
     args = parser.parse_args(list(argv))

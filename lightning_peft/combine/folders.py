@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lightning_peft.combine.deltas import LoRAFactors, check_combination, combine_deltas, combine_layer
+from lightning_peft.core.base_model import relative_name
 from lightning_peft.core.record import is_attached
 from lightning_peft.files.fingerprint import check_base
 from lightning_peft.files.hub import resolve_adapter_path
@@ -32,7 +33,7 @@ from lightning_peft.files.reader import PathLike, read_adapter
 from lightning_peft.files.save import save_adapter
 from lightning_peft.methods.dora import DoRA, DoRALinear
 from lightning_peft.methods.lora import LoRA, LoRALinear, weight_as_out_in
-from lightning_peft.methods.lora_patterns import relative_name, transformers_prefix
+from lightning_peft.methods.lora_patterns import transformers_prefix
 from lightning_peft.ops.attach import apply_peft, remove_peft
 from lightning_peft.ops.named_adapters import list_adapters, without_adapters
 from lightning_peft.ops.parameters import peft_layers

@@ -1,5 +1,6 @@
-"""transformers helpers, decided once for the whole package: which module is the base model, its
-``model_type``, its HF PEFT task type, and the per-architecture default targets.
+"""The base model inside a module, decided once for the whole package: which submodule is the transformers
+model, its prefix and names relative to it, its ``model_type``, its HF PEFT task type (:data:`TASK_TYPES`, the one
+table of tasks), and the per-architecture default targets.
 
 Ground floor: imports nothing from the rest of lightning-peft. transformers is imported lazily, so a plain
 ``nn.Module`` works without touching it.
@@ -8,6 +9,7 @@ Ground floor: imports nothing from the rest of lightning-peft. transformers is i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -15,14 +17,32 @@ from torch import nn
 #: attribute a user sets on the root module to say which transformers model is the base, when it holds several
 BASE_MODEL_ATTR = "peft_base_model"
 
-#: HF PEFT ``task_type`` by transformers class-name suffix (first match wins)
-TASK_TYPES: dict[str, str] = {
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForQuestionAnswering": "QUESTION_ANS",
-    "ForCausalLM": "CAUSAL_LM",
-    "LMHeadModel": "CAUSAL_LM",
-    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+
+@dataclass(frozen=True)
+class TaskType:
+    """What lightning-peft knows about one HF PEFT ``task_type``."""
+
+    #: endings of the transformers class names that are models for this task (``BertForSequenceClassification``)
+    class_suffixes: tuple[str, ...]
+    #: the transformers Auto class that builds a base model for it from what an adapter records: a file names a
+    #: task, never a class, so only these classes are ever built
+    auto_class: str
+    #: heads HF PEFT adds to ``modules_to_save`` for this task; loading fails if the file lacks an existing one
+    heads: tuple[str, ...] = ()
+
+
+#: every HF PEFT task type lightning-peft knows, in the order :func:`task_type_of` tries the class suffixes
+TASK_TYPES: dict[str, TaskType] = {
+    "SEQ_CLS": TaskType(
+        ("ForSequenceClassification",), "AutoModelForSequenceClassification", ("classifier", "score")
+    ),
+    "TOKEN_CLS": TaskType(
+        ("ForTokenClassification",), "AutoModelForTokenClassification", ("classifier", "score")
+    ),
+    "QUESTION_ANS": TaskType(("ForQuestionAnswering",), "AutoModelForQuestionAnswering", ("qa_outputs",)),
+    "CAUSAL_LM": TaskType(("ForCausalLM", "LMHeadModel"), "AutoModelForCausalLM"),
+    "SEQ_2_SEQ_LM": TaskType(("ForConditionalGeneration",), "AutoModelForSeq2SeqLM"),
+    "FEATURE_EXTRACTION": TaskType((), "AutoModel"),  # a bare backbone (BertModel)
 }
 
 
@@ -86,6 +106,12 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.get_submodule(name) if name else model
 
 
+def relative_name(name: str, prefix: str) -> str:
+    """``name`` (a module or parameter name in the root module) relative to the base model whose names start
+    with ``prefix`` (:func:`base_prefix`); names outside it are returned unchanged."""
+    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
+
+
 def model_type_of(model: nn.Module) -> str | None:
     """transformers ``config.model_type`` of the first configured module in ``model``."""
     for module in model.modules():
@@ -117,10 +143,14 @@ def model_description(model: nn.Module) -> str:
     return inner[0] if inner else type(model).__name__
 
 
-def task_type_of(model: nn.Module) -> str | None:
-    """HF PEFT's ``task_type`` for a transformers model, from its class name (``None`` when unknown)."""
+def task_type_of(model: nn.Module, default: str | None = None) -> str | None:
+    """HF PEFT's ``task_type`` for a transformers model, from its class name; ``default`` when no suffix of
+    :data:`TASK_TYPES` matches (prompt learning passes ``"FEATURE_EXTRACTION"`` for a bare backbone)."""
     name = type(model).__name__
-    return next((task for suffix, task in TASK_TYPES.items() if name.endswith(suffix)), None)
+    for task, info in TASK_TYPES.items():
+        if any(name.endswith(suffix) for suffix in info.class_suffixes):
+            return task
+    return default
 
 
 def name_or_path(model: nn.Module) -> str | None:

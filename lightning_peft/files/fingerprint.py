@@ -22,20 +22,11 @@ from typing import Any
 
 from torch import nn
 
-from lightning_peft.core.base_model import base_prefix
+from lightning_peft.core.base_model import base_model, base_prefix, relative_name
 from lightning_peft.core.targeting import innermost
 
 RECORD_KEY = "base_fingerprint"
 VERSION_KEY = "library_version"
-
-
-def _root(model: nn.Module) -> tuple[nn.Module, str]:
-    prefix = base_prefix(model)
-    return (model.get_submodule(prefix[:-1]) if prefix else model), prefix
-
-
-def _relative(name: str, prefix: str) -> str:
-    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
 
 
 def _clean(name: str) -> str:
@@ -74,13 +65,13 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """The record of the base of ``model``, which has an adapter attached."""
     from lightning_peft.ops.parameters import peft_layers, trainable_parameter_names
 
-    root, prefix = _root(model)
+    root, prefix = base_model(model), base_prefix(model)
     layers = list(peft_layers(model))
-    targets = {_relative(_clean(name), _clean(prefix)): target_shape(layer) for name, layer in layers}
+    targets = {relative_name(_clean(name), _clean(prefix)): target_shape(layer) for name, layer in layers}
     owned = {f"{name}.{local}" for name, layer in layers for local in layer.peft_parameter_names()}
     parameters = dict(model.named_parameters())
     tensors = {
-        _relative(_clean(name), _clean(prefix)): list(parameters[name].shape)
+        relative_name(_clean(name), _clean(prefix)): list(parameters[name].shape)
         for name in trainable_parameter_names(model)
         if name not in owned and name in parameters
     }
@@ -104,7 +95,7 @@ def recorded_fingerprint(path: Path) -> dict[str, Any] | None:
 
 def base_differences(model: nn.Module, record: dict[str, Any]) -> list[str]:
     """How ``model`` differs from the recorded base (empty when it matches)."""
-    root, _ = _root(model)
+    root = base_model(model)
     differences = []
     if record.get("architecture") != architecture(root):
         differences.append(f"architecture {record.get('architecture')} != {architecture(root)}")

@@ -17,6 +17,7 @@ from lightning_peft.core.base_model import (
     base_prefix,
     config_value,
     name_or_path,
+    relative_name,
     task_type_of,
 )
 from lightning_peft.core.base_model import base_model as find_base_model
@@ -48,14 +49,14 @@ def file_key_map(model: nn.Module) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for name in trainable_parameter_names(model):
         key = state_dict_key(name)  # the names files and adapter_state_dict use: no wrapper infixes
-        rel = key[len(prefix) :] if prefix and key.startswith(prefix) else key
+        rel = relative_name(key, prefix)
         owner = next((p for p in _prefixes(name) if p in layers), None)
         if owner is None:
             mapping[key] = f"base_model.model.{rel}"
             continue
         local = name[len(owner) + 1 :]
         clean_owner = state_dict_key(owner + ".")[:-1]
-        path = clean_owner[len(prefix) :] if prefix and clean_owner.startswith(prefix) else clean_owner
+        path = relative_name(clean_owner, prefix)
         mapping[key] = layers[owner].peft_key(path, local)
     return mapping
 
@@ -136,7 +137,7 @@ def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         # e.g. folded prefixes stand in for the reparameterisation MLP that produced them
         for local in layer.peft_parameter_names():
             state.pop(f"{name}.{local}" if name else local, None)
-        path = name[len(prefix) :] if prefix and name.startswith(prefix) else name
+        path = relative_name(name, prefix)
         replaced.update({layer.peft_key(path, local): tensor for local, tensor in saved.items()})
     tensors = {mapping[name]: _full(tensor) for name, tensor in state.items()}
     tensors.update({key: _full(tensor) for key, tensor in replaced.items()})

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft.core.base_model import TASK_TYPES
 from lightning_peft.files.load import load_adapter
 from lightning_peft.files.reader import read_adapter
 
@@ -34,18 +35,6 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return name_or_path
 
 
-#: HF PEFT task type -> the transformers Auto class that builds a base model for it. Only these classes are
-#: ever built from what a file records: a file names a task, never a class.
-AUTO_CLASSES = {
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
-
-
 def _num_labels_from(tensors: dict[str, torch.Tensor]) -> int | None:
     for suffix in HEAD_WEIGHTS:
         for key, tensor in tensors.items():
@@ -61,7 +50,7 @@ def load_adapted_model(
     task_type: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The base model an adapter was trained on, rebuilt from what the adapter records, with the adapter
-    loaded, in eval mode. ``base_model``, ``num_labels`` and ``task_type`` (a key of :data:`AUTO_CLASSES`)
+    loaded, in eval mode. ``base_model``, ``num_labels`` and ``task_type`` (a key of :data:`~lightning_peft.core.base_model.TASK_TYPES`)
     override the recorded values.
 
     Returns the model and what was learnt about it: ``base_model``, ``task_type``, ``num_labels`` and
@@ -74,10 +63,10 @@ def load_adapted_model(
             f"{str(adapter_path)!r}: no base model is recorded with this adapter; pass base_model (e.g. 'minilm')"
         )
     task = task_type or adapter.base.get("task_type")
-    if task not in AUTO_CLASSES:
+    if task not in TASK_TYPES:
         raise ValueError(
             f"{str(adapter_path)!r}: task_type={task!r} is not recorded or not known; pass one of "
-            f"{sorted(AUTO_CLASSES)}"
+            f"{sorted(TASK_TYPES)}"
         )
     labels = adapter.base.get("labels")
     kwargs: dict[str, Any] = {}
@@ -99,7 +88,7 @@ def _from_pretrained(task: str, path: str, kwargs: dict[str, Any]) -> nn.Module:
 
     from lightning_peft.library_noise import quiet_model_loading
 
-    auto_class = getattr(transformers, AUTO_CLASSES[task])
+    auto_class = getattr(transformers, TASK_TYPES[task].auto_class)
     # a new head is reported "newly initialised" (the adapter brings it): not worth a warning here
     with quiet_model_loading():
         return auto_class.from_pretrained(path, **kwargs)

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from lightning_peft.core.base_model import base_model_name, pretrained_model_class
-from lightning_peft.core.base_model import task_type_of as hf_task_type
 from lightning_peft.methods.base import PEFTLayer
 
 #: keyword under which the backbone takes its key/value cache (transformers ≥ 5.2x, then older releases)
@@ -142,11 +141,6 @@ def require_inputs(backbone: nn.Module, names: tuple[str, ...], method: str) -> 
             f"{method}: {type(backbone).__name__}.forward does not accept {missing}, which the method needs "
             f"(it accepts {accepted})"
         )
-
-
-def task_type_of(model: nn.Module) -> str:
-    """HF PEFT's ``task_type`` for a transformers model; a bare backbone is ``FEATURE_EXTRACTION``."""
-    return hf_task_type(model) or "FEATURE_EXTRACTION"
 
 
 def input_embedding_weight(backbone: nn.Module, method: str) -> torch.Tensor:

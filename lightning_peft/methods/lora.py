@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.core.base_model import default_targets
+from lightning_peft.core.base_model import default_targets, relative_name
 from lightning_peft.core.default_targets import LORA_TARGETS
 from lightning_peft.core.quantized import float_weight
 from lightning_peft.core.record import mark_trainable
@@ -50,7 +50,6 @@ from lightning_peft.methods.lora_patterns import (
     inside_modules_to_save,
     pattern_key,
     pattern_value,
-    relative_name,
     transformers_prefix,
 )
 from lightning_peft.methods.peft_interop import lora_kwargs_from_peft_config, lora_peft_config

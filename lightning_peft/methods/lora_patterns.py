@@ -35,10 +35,6 @@ def transformers_prefix(model: nn.Module) -> str:
         return ""
 
 
-def relative_name(name: str, prefix: str) -> str:
-    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
-
-
 def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
     """The first key of ``patterns`` that matches ``name`` by HF PEFT's rule, or ``None``."""
     return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), None)

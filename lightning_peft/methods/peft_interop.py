@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from lightning_peft.core.base_model import base_prefix, task_type_of
+from lightning_peft.core.base_model import TASK_TYPES, base_model, base_prefix, task_type_of
 from lightning_peft.core.record import saved_module_names
 from lightning_peft.core.targeting import _REGEX_CHARS
 from lightning_peft.methods.base import PEFTLayer
@@ -17,12 +17,6 @@ from lightning_peft.methods.base import PEFTLayer
 if TYPE_CHECKING:
     from lightning_peft.methods.lora import LoRA
 
-#: heads HF PEFT adds to modules_to_save for a task_type; loading fails if the file lacks an existing one
-TASK_HEADS = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
 #: HF PEFT LoRA options lightning-peft does not implement, with the value that means "off"
 UNSUPPORTED_LORA_OPTIONS: dict[str, Any] = {
     "target_parameters": None,
@@ -57,11 +51,6 @@ def unsupported_peft_type(config: dict[str, Any], source: str) -> ValueError:
     )
 
 
-def _transformers_root(model: nn.Module) -> tuple[nn.Module, str]:
-    prefix = base_prefix(model)
-    return (model.get_submodule(prefix[:-1]) if prefix else model), prefix
-
-
 def _relative(name: str, prefix: str) -> str | None:
     """``name`` relative to the transformers model, or ``None`` when it lies outside it."""
     if not prefix:
@@ -93,7 +82,7 @@ def peft_module_list(
     written, which PEFT matches exactly. ``keep`` mirrors PEFT's ``layers_to_transform`` filter, which PEFT
     applies to suffix matches (not to exact names) of a list.
     """
-    root, prefix = _transformers_root(model)
+    root, prefix = base_model(model), base_prefix(model)
     rel = sorted(r for r in (_relative(n, prefix) for n in wrapped) if r is not None)
     if _is_plain_list(patterns) and (exclude is None or _is_plain_list(exclude)):
         layers = {n for n, m in root.named_modules() if isinstance(m, PEFTLayer)}
@@ -113,12 +102,11 @@ def peft_module_list(
 
 def peft_common_config(model: nn.Module, peft_type: str) -> dict[str, Any]:
     """Fields every HF PEFT adapter_config.json carries: type, task, base model, modules_to_save."""
-    root, prefix = _transformers_root(model)
+    root, prefix = base_model(model), base_prefix(model)
     task_type = task_type_of(root)
     saved = [_relative(n, prefix) for n in saved_module_names(model)]
-    heads = [
-        n for n, _ in root.named_modules() if n.rpartition(".")[2] in TASK_HEADS.get(task_type or "", ())
-    ]
+    task_heads = TASK_TYPES[task_type].heads if task_type in TASK_TYPES else ()
+    heads = [n for n, _ in root.named_modules() if n.rpartition(".")[2] in task_heads]
     if any(h not in saved for h in heads):
         # an untrained head is not in the file; without a task_type PEFT keeps the base model's head
         task_type = None

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft.core.base_model import task_type_of
 from lightning_peft.core.targeting import ModuleTargets, replace_module
 from lightning_peft.methods._virtual_tokens import (
     EncoderMaskLayer,
@@ -37,7 +38,6 @@ from lightning_peft.methods._virtual_tokens import (
     is_encoder_decoder,
     prepend_ones,
     require_inputs,
-    task_type_of,
 )
 from lightning_peft.methods.base import PEFTMethod, check_choice, check_positive_int
 from lightning_peft.methods.peft_interop import modules_to_save_from_peft
@@ -250,7 +250,7 @@ class PromptTuning(PEFTMethod):
         config = outer.config
         return {
             "peft_type": "PROMPT_TUNING",
-            "task_type": task_type_of(outer),
+            "task_type": task_type_of(outer, default="FEATURE_EXTRACTION"),
             "num_virtual_tokens": self.num_virtual_tokens,
             "token_dim": config.hidden_size,
             "num_transformer_submodules": 1,

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft.core.base_model import task_type_of
 from lightning_peft.core.targeting import ModuleTargets, replace_module
 from lightning_peft.methods._virtual_tokens import (
     VirtualTokenLayer,
@@ -42,7 +43,6 @@ from lightning_peft.methods._virtual_tokens import (
     is_encoder_decoder,
     prepend_ones,
     require_inputs,
-    task_type_of,
 )
 from lightning_peft.methods.base import AdapterLinear, PEFTMethod, check_positive_int
 from lightning_peft.methods.peft_interop import modules_to_save_from_peft
@@ -371,7 +371,7 @@ class PrefixTuning(PEFTMethod):
         geometry = kv_geometry(outer.config, type(self).__name__)
         return {
             "peft_type": "PREFIX_TUNING",
-            "task_type": task_type_of(outer),
+            "task_type": task_type_of(outer, default="FEATURE_EXTRACTION"),
             "num_virtual_tokens": self.num_virtual_tokens,
             "token_dim": geometry.kv_dim,
             "num_transformer_submodules": 2 if seq2seq else 1,
