@@ -16,7 +16,8 @@ from torch import nn
 from lightning_peft import LoRA, PEFTCallback, apply_peft, load_adapter, save_adapter
 from lightning_peft.cli import main as cli_main
 from lightning_peft.core.base_model import AmbiguousBaseModelError, base_prefix
-from lightning_peft.files.reader import ADAPTER_WEIGHTS, read_adapter
+from lightning_peft.files.names import ADAPTER_WEIGHTS
+from lightning_peft.files.reader import read_adapter
 
 
 class CausalLM(pl.LightningModule):

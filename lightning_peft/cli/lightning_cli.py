@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_peft.core.record import is_attached
 from lightning_peft.files.atomic import write_text
-from lightning_peft.files.reader import ADAPTER_CONFIG
+from lightning_peft.files.names import ADAPTER_CONFIG, LABEL_NAMES_KEY
 from lightning_peft.files.safe_load import refusing_pickles
 from lightning_peft.files.save import save_adapter
 from lightning_peft.methods import PEFTMethod
@@ -119,7 +119,7 @@ def record_metadata(folder: Path, base_model: str | None, labels: Sequence[str] 
     if base_model is not None and not config.get("base_model_name_or_path"):
         config["base_model_name_or_path"] = base_model
     if labels:
-        config["label_names"] = list(labels)
+        config[LABEL_NAMES_KEY] = list(labels)
     write_text(config_file, json.dumps(config, indent=2, sort_keys=True))  # atomic: never a torn JSON
 
 

@@ -12,6 +12,8 @@ attributes it replaced (hooks, ``strict_loading``) and the parameters' ``require
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +96,18 @@ def drop_record(model: nn.Module) -> None:
             model.__dict__.pop(name, None)
         else:
             model.__dict__[name] = before
+
+
+@contextmanager
+def record_set_aside(model: nn.Module) -> Iterator[AdapterRecord | None]:
+    """Inside the block ``model`` carries no record; the same record is put back afterwards. Unlike
+    :func:`drop_record`, nothing the record replaced is restored: the model only looks unadapted meanwhile."""
+    record = model.__dict__.pop(_RECORD_KEY, None)
+    try:
+        yield record
+    finally:
+        if record is not None:
+            model.__dict__[_RECORD_KEY] = record
 
 
 def replace_attribute(model: nn.Module, name: str, value: Any) -> None:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lightning_peft.files.names import LABEL_NAMES_KEY
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.registry import method_from_dict
 
@@ -129,7 +130,7 @@ def reconcile(
 #: adapter_config.json keys that describe where the adapter came from rather than what it computes: users and
 #: tools (``lightning-peft fit`` adds ``label_names``) may change them
 DESCRIPTIVE_JSON_KEYS = frozenset(
-    {"base_model_name_or_path", "revision", "inference_mode", "label_names", "auto_mapping", "peft_version"}
+    {"base_model_name_or_path", "revision", "inference_mode", LABEL_NAMES_KEY, "auto_mapping", "peft_version"}
 )
 
 

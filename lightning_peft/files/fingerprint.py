@@ -24,9 +24,7 @@ from torch import nn
 
 from lightning_peft.core.base_model import base_model, base_prefix, relative_name
 from lightning_peft.core.targeting import innermost
-
-RECORD_KEY = "base_fingerprint"
-VERSION_KEY = "library_version"
+from lightning_peft.files.names import FINGERPRINT_KEY, VERSION_KEY
 
 
 def _clean(name: str) -> str:
@@ -82,7 +80,7 @@ def fingerprint_record(model: nn.Module) -> dict[str, Any]:
     """What ``save_adapter`` adds to its metadata."""
     from lightning_peft.version import __version__
 
-    return {VERSION_KEY: __version__, RECORD_KEY: base_fingerprint(model)}
+    return {VERSION_KEY: __version__, FINGERPRINT_KEY: base_fingerprint(model)}
 
 
 def recorded_fingerprint(path: Path) -> dict[str, Any] | None:
@@ -90,7 +88,7 @@ def recorded_fingerprint(path: Path) -> dict[str, Any] | None:
     from lightning_peft.files.reader import read_meta
 
     meta = read_meta(path)
-    return None if meta is None else meta.get(RECORD_KEY)
+    return None if meta is None else meta.get(FINGERPRINT_KEY)
 
 
 def base_differences(model: nn.Module, record: dict[str, Any]) -> list[str]:

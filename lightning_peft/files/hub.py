@@ -12,8 +12,9 @@ import os
 import re
 from pathlib import Path
 
+from lightning_peft.files.names import ADAPTER_FILES
+
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 #: file names that are never Hub repository ids
 LOCAL_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".json")
 

@@ -16,14 +16,9 @@ from lightning_peft.core.base_model import (
 from lightning_peft.core.record import DEFAULT_ADAPTER_NAME, get_record
 from lightning_peft.files.fingerprint import check_base
 from lightning_peft.files.hub import resolve_adapter_path
+from lightning_peft.files.names import ADAPTER_WEIGHTS
 from lightning_peft.files.peft_keys import from_file_keys
-from lightning_peft.files.reader import (
-    ADAPTER_WEIGHTS,
-    AdapterFile,
-    PathLike,
-    read_adapter,
-    read_methods,
-)
+from lightning_peft.files.reader import AdapterFile, PathLike, read_adapter, read_methods
 from lightning_peft.files.save import file_key_map
 from lightning_peft.files.tensor_checks import check_dtypes, check_finite
 from lightning_peft.methods.base import PEFTMethod

@@ -19,17 +19,12 @@ from safetensors.torch import load_file
 
 from lightning_peft.files.atomic import recover
 from lightning_peft.files.config_check import methods_from, read_json, reconcile
+from lightning_peft.files.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABEL_NAMES_KEY, METADATA_KEY
 from lightning_peft.files.safe_load import refusing_pickles
 from lightning_peft.files.tensor_checks import check_tensor_file, read_header
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.peft_interop import unsupported_peft_type
 from lightning_peft.methods.registry import _REGISTRY
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-#: key under which adapter-only ``.ckpt`` files (and our safetensors headers) keep the method configurations
-CHECKPOINT_KEY = "lightning_peft"
-FORMAT_VERSION = 1
 
 PathLike = str | os.PathLike
 
@@ -91,7 +86,7 @@ def read_meta(path: PathLike) -> dict[str, Any] | None:
     else:
         return None
     config_file = folder / ADAPTER_CONFIG
-    meta = read_json(config_file).get(CHECKPOINT_KEY) if config_file.is_file() else None
+    meta = read_json(config_file).get(METADATA_KEY) if config_file.is_file() else None
     if meta is not None:
         return meta
     header = _header_meta(weights_file)
@@ -123,9 +118,9 @@ def _read_safetensors(
                 f"{weights_file}: no lightning-peft metadata in its header and no {ADAPTER_CONFIG} beside it, "
                 "so the method that wrote it is unknown"
             )
-    base = {k: config[k] for k in ("base_model_name_or_path", "task_type", "label_names") if config.get(k)}
-    if "label_names" in base:
-        base["labels"] = base.pop("label_names")
+    base = {k: config[k] for k in ("base_model_name_or_path", "task_type", LABEL_NAMES_KEY) if config.get(k)}
+    if LABEL_NAMES_KEY in base:
+        base["labels"] = base.pop(LABEL_NAMES_KEY)
     return AdapterFile(
         source=str(weights_file),
         methods=methods,
@@ -144,8 +139,8 @@ def _folder_methods(folder: Path) -> list[PEFTMethod]:
         raise FileNotFoundError(f"path={str(folder)!r} holds no {ADAPTER_CONFIG}")
     config = read_json(config_file)
     meta = _header_meta(folder / ADAPTER_WEIGHTS)
-    if CHECKPOINT_KEY in config:
-        methods = methods_from(config[CHECKPOINT_KEY], str(config_file))
+    if METADATA_KEY in config:
+        methods = methods_from(config[METADATA_KEY], str(config_file))
         return reconcile(config, methods, meta, config_file, ours=True)
     described = next((m for cls in _REGISTRY.values() if (m := cls.from_peft_config(config))), None)
     if described is None and meta is None:
@@ -158,7 +153,7 @@ def _header_meta(weights_file: Path) -> str | None:
     if not weights_file.is_file():
         return None
     header = read_header(weights_file)[0].get("__metadata__") or {}
-    meta = header.get(CHECKPOINT_KEY) if isinstance(header, dict) else None
+    meta = header.get(METADATA_KEY) if isinstance(header, dict) else None
     return meta if isinstance(meta, str) else None
 
 
@@ -187,12 +182,12 @@ def _read_checkpoint(path: Path, map_location: str | torch.device) -> AdapterFil
         checkpoint = torch.load(str(path), map_location=map_location, weights_only=True)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path}: a checkpoint must hold a dict, found {type(checkpoint).__name__}")
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+    if not isinstance(checkpoint, dict) or METADATA_KEY not in checkpoint:
         raise ValueError(
             f"{path} is not an adapter-only checkpoint (it was not written while training with PEFTCallback or "
             "PEFTMixin)"
         )
-    info = checkpoint[CHECKPOINT_KEY]
+    info = checkpoint[METADATA_KEY]
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     base = dict(info.get("base") or {})
     # checkpoints written before the base was recorded: the example modules' hyper-parameters

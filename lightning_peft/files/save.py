@@ -25,14 +25,9 @@ from lightning_peft.core.record import DEFAULT_ADAPTER_NAME, attached_methods, g
 from lightning_peft.distributed.strategies import check_saveable, is_global_zero
 from lightning_peft.files.atomic import replace_folder
 from lightning_peft.files.fingerprint import fingerprint_record
+from lightning_peft.files.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_VERSION, METADATA_KEY
 from lightning_peft.files.peft_keys import to_file_keys
-from lightning_peft.files.reader import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    CHECKPOINT_KEY,
-    FORMAT_VERSION,
-    PathLike,
-)
+from lightning_peft.files.reader import PathLike
 from lightning_peft.methods.base import PEFTLayer, PEFTMethod
 from lightning_peft.ops.named_adapters import list_adapters, only_adapter
 from lightning_peft.ops.parameters import peft_layers, trainable_parameter_names
@@ -119,7 +114,7 @@ def adapter_config_dict(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any
     peft_config = methods[0].peft_config(model) if len(methods) == 1 else None
     if peft_config:
         meta["peft_config"] = peft_config  # what the JSON said when written: any later edit is detected
-    return (peft_config if peft_config else {CHECKPOINT_KEY: meta}), meta
+    return (peft_config if peft_config else {METADATA_KEY: meta}), meta
 
 
 def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -175,7 +170,7 @@ def _save_one(model: nn.Module, folder: Path) -> None:
     tensors = to_file_keys(tensors, config)
 
     def write(tmp: Path) -> None:
-        metadata = {"format": "pt", CHECKPOINT_KEY: json.dumps(meta)}
+        metadata = {"format": "pt", METADATA_KEY: json.dumps(meta)}
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 

@@ -14,11 +14,8 @@ from lightning_peft.core.quantized import quantization_state_keys
 from lightning_peft.core.record import DEFAULT_ADAPTER_NAME, get_record, is_attached
 from lightning_peft.files.config_check import methods_from
 from lightning_peft.files.load import state_from_file
-from lightning_peft.files.reader import (
-    CHECKPOINT_KEY,
-    PathLike,
-    read_adapter,
-)
+from lightning_peft.files.names import METADATA_KEY
+from lightning_peft.files.reader import PathLike, read_adapter
 from lightning_peft.files.save import adapter_meta
 from lightning_peft.files.tensor_checks import check_finite
 from lightning_peft.methods.base import PEFTMethod
@@ -43,11 +40,11 @@ def filter_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
     record = get_record(module)
     trained = [m for name in (record.active if record else []) for m in record.adapters[name].methods]  # type: ignore[union-attr]
-    checkpoint[CHECKPOINT_KEY] = adapter_meta(module, trained, strict=False)
+    checkpoint[METADATA_KEY] = adapter_meta(module, trained, strict=False)
 
 
 def checkpoint_methods(checkpoint: dict[str, Any]) -> list[PEFTMethod] | None:
-    info = checkpoint.get(CHECKPOINT_KEY)
+    info = checkpoint.get(METADATA_KEY)
     return None if info is None else methods_from(info, "checkpoint")
 
 
@@ -65,7 +62,7 @@ def prepare_checkpoint_load(module: nn.Module, checkpoint: dict[str, Any]) -> No
         # resumes from its own checkpoint is not checked
         check_finite({k: v for k, v in state.items() if not _is_dtensor(v)}, "checkpoint")
     if not is_attached(module):
-        apply_peft(module, methods, checkpoint[CHECKPOINT_KEY].get("adapter_name", DEFAULT_ADAPTER_NAME))
+        apply_peft(module, methods, checkpoint[METADATA_KEY].get("adapter_name", DEFAULT_ADAPTER_NAME))
     check_adapter_state(module, state, "checkpoint")
     statistics = quantization_state_keys(module)  # bitsandbytes layers keep their own
     for key, value in module.state_dict().items():

@@ -35,7 +35,7 @@ from lightning_peft.distributed import (
     configure_strategy,
     prepare_training,
 )
-from lightning_peft.files.reader import CHECKPOINT_KEY
+from lightning_peft.files.names import METADATA_KEY
 from lightning_peft.lightning.checkpoints import filter_checkpoint, prepare_checkpoint_load
 from lightning_peft.lightning.optimizers import fix_optimizers
 from lightning_peft.lightning.precision import keep_adapter_unquantized
@@ -184,7 +184,7 @@ class PEFTLifecycle:
         filter_checkpoint(module, checkpoint)
 
     def on_load_checkpoint(self, module: nn.Module, checkpoint: dict[str, Any]) -> None:
-        if CHECKPOINT_KEY in checkpoint:
+        if METADATA_KEY in checkpoint:
             prepare_checkpoint_load(module, checkpoint)
         record = get_record(module)
         if record is not None:

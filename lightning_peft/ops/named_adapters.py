@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.core.record import _RECORD_KEY, AdapterRecord, get_record
+from lightning_peft.core.record import AdapterRecord, get_record, record_set_aside
 from lightning_peft.methods.base import PEFTLayer, PEFTMethod
 from lightning_peft.ops.attach import apply_peft, as_method_list, remove_peft
 from lightning_peft.ops.parameters import ParameterCount, peft_layers, refresh_requires_grad
@@ -198,13 +198,9 @@ def only_adapter(model: nn.Module, adapter_name: str) -> Iterator[None]:
 def without_adapters(model: nn.Module) -> Iterator[None]:
     """Inside the block ``model`` is the plain base model: every adapter layer and the record are set aside
     (not freed) and put back afterwards."""
-    record = _record(model)
-    with _unplugged(model, keep=None):
-        del model.__dict__[_RECORD_KEY]
-        try:
-            yield
-        finally:
-            model.__dict__[_RECORD_KEY] = record
+    _record(model)  # raises when there is no adapter
+    with _unplugged(model, keep=None), record_set_aside(model):
+        yield
 
 
 @contextmanager
