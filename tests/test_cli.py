@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from lightning_peft.cli import cli
-from lightning_peft.cli.lightning_cli import PEFTLightningCLI, label_names, prediction_rows
+from lightning_peft.cli.lightning_cli import PEFTLightningCLI, prediction_rows
+from lightning_peft.inference.labels import label_names
 from lightning_peft.methods.registry import _REGISTRY
 from lightning_peft.ops.parameters import trainable_parameter_names
 
@@ -235,6 +236,9 @@ def test_label_names_and_prediction_rows() -> None:
     ]
     logits = [torch.tensor([[0.0, 2.0]])]  # not probabilities: softmax first
     assert prediction_rows(logits)[0]["score"] == pytest.approx(torch.tensor([0.0, 2.0]).softmax(0)[1].item())
+    # without names a class is transformers' LABEL_<i>, as in TextClassifierPipeline and classify
+    assert prediction_rows(logits)[0]["label"] == "LABEL_1"
+    assert prediction_rows(probs, ["neg"])[0]["label"] == "LABEL_1"  # too few names: the same placeholder
     with pytest.raises(TypeError, match=r"\(batch, classes\)"):
         prediction_rows([torch.zeros(3)])
 

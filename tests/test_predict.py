@@ -17,7 +17,7 @@ import torch
 from lightning_peft import LoRA, apply_peft, save_adapter
 from lightning_peft.cli import cli
 from lightning_peft.cli.classify import main
-from lightning_peft.cli.lightning_cli import record_metadata
+from lightning_peft.cli.lightning_cli import write_base_and_labels
 from lightning_peft.inference.pipeline import TextClassifierPipeline
 from lightning_peft.inference.rebuild import load_classifier, resolve_model_path
 from lightning_peft.lightning.checkpoints import filter_checkpoint
@@ -58,7 +58,7 @@ def adapted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         probs = module.model(**encoded).logits.softmax(-1)
     tmp = tmp_path_factory.mktemp("adapted")
     folder = save_adapter(module, tmp / "adapter")
-    record_metadata(folder, "minilm", LABELS)
+    write_base_and_labels(folder, "minilm", LABELS)
     bare = save_adapter(module, tmp / "bare")  # no label names recorded
     checkpoint: dict[str, Any] = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     filter_checkpoint(module, checkpoint)

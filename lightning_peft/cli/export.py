@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from lightning_peft.cli.lightning_cli import record_metadata
+from lightning_peft.cli.lightning_cli import write_base_and_labels
 from lightning_peft.core.base_model import TASK_TYPES
 from lightning_peft.core.record import attached_methods
 from lightning_peft.files.save import save_adapter
@@ -40,7 +40,7 @@ def export_main(argv: Sequence[str]) -> int:
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     folder = save_adapter(model, args.output)
-    record_metadata(folder, info["base_model"], info["labels"])
+    write_base_and_labels(folder, info["base_model"], info["labels"])
     methods = " + ".join(type(m).__name__ for m in attached_methods(model) or [])
     print(f"{methods} adapter written to {folder}")
     return 0

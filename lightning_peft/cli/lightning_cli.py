@@ -18,6 +18,7 @@ from lightning_peft.files.atomic import write_text
 from lightning_peft.files.names import ADAPTER_CONFIG, LABEL_NAMES_KEY
 from lightning_peft.files.safe_load import refusing_pickles
 from lightning_peft.files.save import save_adapter
+from lightning_peft.inference.labels import label_names, score_rows
 from lightning_peft.methods import PEFTMethod
 
 
@@ -95,7 +96,7 @@ class PEFTLightningCLI(LightningCLI):
         if not self.trainer.is_global_zero:
             return
         hparams = getattr(self.model, "hparams", {})
-        record_metadata(folder, hparams.get("model_name_or_path"), label_names(self.model))
+        write_base_and_labels(folder, hparams.get("model_name_or_path"), label_names(self.model))
         rank_zero_info(f"lightning-peft: adapter saved to {folder}")
 
     def predict(self, **kwargs: Any) -> None:
@@ -110,7 +111,7 @@ class PEFTLightningCLI(LightningCLI):
         rank_zero_info(f"lightning-peft: {len(rows)} predictions written to {path}")
 
 
-def record_metadata(folder: Path, base_model: str | None, labels: Sequence[str] | None) -> None:
+def write_base_and_labels(folder: Path, base_model: str | None, labels: Sequence[str] | None) -> None:
     """Add HF PEFT's ``base_model_name_or_path`` (if missing) and the class names (``label_names``) to an
     adapter folder's ``adapter_config.json``, so that ``classify`` needs neither ``--model`` nor ``--labels``.
     HF PEFT ignores the extra key."""
@@ -121,19 +122,6 @@ def record_metadata(folder: Path, base_model: str | None, labels: Sequence[str] 
     if labels:
         config[LABEL_NAMES_KEY] = list(labels)
     write_text(config_file, json.dumps(config, indent=2, sort_keys=True))  # atomic: never a torn JSON
-
-
-def label_names(module: torch.nn.Module) -> list[str] | None:
-    """Class names from a transformers config's ``id2label`` inside ``module``, unless they are the generic
-    ``LABEL_0``, ``LABEL_1``, ... placeholders."""
-    for sub in module.modules():
-        id2label = getattr(getattr(sub, "config", None), "id2label", None)
-        if isinstance(id2label, dict) and id2label:
-            names = [str(id2label[i]) for i in sorted(id2label)]
-            if names != [f"LABEL_{i}" for i in range(len(names))]:
-                return names
-            return None
-    return None
 
 
 def prediction_rows(predictions: Sequence[Any], labels: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -153,8 +141,5 @@ def prediction_rows(predictions: Sequence[Any], labels: Sequence[str] | None = N
         scores = scores.detach().float().cpu()
         if not torch.allclose(scores.sum(-1), torch.ones(len(scores)), atol=1e-3) or (scores < 0).any():
             scores = scores.softmax(-1)
-        best, index = scores.max(-1)
-        for score, i in zip(best.tolist(), index.tolist()):
-            label: str | int = labels[i] if labels is not None and i < len(labels) else i
-            rows.append({"label": label, "score": round(score, 6)})
+        rows += [{**row, "score": round(row["score"], 6)} for row in score_rows(scores, labels)]
     return rows

@@ -26,10 +26,8 @@ from torch import nn
 from lightning_peft.combine.deltas import LoRAFactors, check_combination, combine_deltas, combine_layer
 from lightning_peft.core.base_model import relative_name
 from lightning_peft.core.record import is_attached
-from lightning_peft.files.fingerprint import check_base
-from lightning_peft.files.hub import resolve_adapter_path
-from lightning_peft.files.load import load_adapter, state_from_file
-from lightning_peft.files.reader import PathLike, read_adapter
+from lightning_peft.files.load import load_adapter, read_adapter_for, state_from_file
+from lightning_peft.files.reader import PathLike
 from lightning_peft.files.save import save_adapter
 from lightning_peft.methods.dora import DoRA, DoRALinear
 from lightning_peft.methods.lora import LoRA, LoRALinear, weight_as_out_in
@@ -53,9 +51,7 @@ class ReadAdapter:
 
 def read_lora_folder(model: nn.Module, folder: PathLike) -> ReadAdapter:
     """Attach the folder's adapter to ``model``, read its tensors (without loading them) and take it out."""
-    folder = resolve_adapter_path(folder)
-    check_base(model, folder, allow_base_mismatch=False)
-    adapter = read_adapter(folder)
+    adapter = read_adapter_for(model, folder)  # the same reading and base check as load_adapter
     methods = adapter.methods
     if len(methods) != 1 or not isinstance(methods[0], LoRA):
         names = [type(m).__name__ for m in methods]

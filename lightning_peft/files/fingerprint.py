@@ -10,9 +10,9 @@ of base.
   adapts (the input embedding matrix for prompt and prefix tuning, which wrap a whole backbone);
 * ``base.tensors``: every base tensor the adapter trains in full (``modules_to_save``, BitFit's biases) → shape.
 
-``load_adapter`` compares that record with the model it is given *before* attaching anything, and refuses a
+``load_adapter`` compares that fingerprint with the model it is given *before* attaching anything, and refuses a
 different base with an error listing the differences, unless ``allow_base_mismatch=True``. Folders without a
-record (written by HF PEFT, or by older versions) load unchecked.
+fingerprint (written by HF PEFT, or by older versions) load unchecked.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def target_shape(module: nn.Module) -> list[int] | None:
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """The record of the base of ``model``, which has an adapter attached."""
+    """The fingerprint of the base of ``model``, which has an adapter attached."""
     from lightning_peft.ops.parameters import peft_layers, trainable_parameter_names
 
     root, prefix = base_model(model), base_prefix(model)
@@ -76,7 +76,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     return {"architecture": architecture(root), "targets": targets, "tensors": tensors}
 
 
-def fingerprint_record(model: nn.Module) -> dict[str, Any]:
+def fingerprint_metadata(model: nn.Module) -> dict[str, Any]:
     """What ``save_adapter`` adds to its metadata."""
     from lightning_peft.version import __version__
 
@@ -84,19 +84,19 @@ def fingerprint_record(model: nn.Module) -> dict[str, Any]:
 
 
 def recorded_fingerprint(path: Path) -> dict[str, Any] | None:
-    """The record of an adapter folder (or of its ``.safetensors`` file), or ``None`` when it has none."""
+    """The fingerprint saved in an adapter folder (or its ``.safetensors`` file), or ``None`` when it has none."""
     from lightning_peft.files.reader import read_meta
 
     meta = read_meta(path)
     return None if meta is None else meta.get(FINGERPRINT_KEY)
 
 
-def base_differences(model: nn.Module, record: dict[str, Any]) -> list[str]:
-    """How ``model`` differs from the recorded base (empty when it matches)."""
+def base_differences(model: nn.Module, fingerprint: dict[str, Any]) -> list[str]:
+    """How ``model`` differs from the base of ``fingerprint`` (empty when it matches)."""
     root = base_model(model)
     differences = []
-    if record.get("architecture") != architecture(root):
-        differences.append(f"architecture {record.get('architecture')} != {architecture(root)}")
+    if fingerprint.get("architecture") != architecture(root):
+        differences.append(f"architecture {fingerprint.get('architecture')} != {architecture(root)}")
     # names inside the transformers model are relative to it; others (a LightningModule's own head) are not
     modules = {_clean(n): m for n, m in [*model.named_modules(), *root.named_modules()]}
     parameters = {_clean(k): v for k, v in [*model.named_parameters(), *root.named_parameters()]}
@@ -105,7 +105,7 @@ def base_differences(model: nn.Module, record: dict[str, Any]) -> list[str]:
         "tensor": {n: list(p.shape) for n, p in parameters.items()},
     }
     for kind, key in (("target", "targets"), ("tensor", "tensors")):
-        for name, shape in (record.get(key) or {}).items():
+        for name, shape in (fingerprint.get(key) or {}).items():
             found = shapes[kind].get(name, "missing")
             if found == "missing":
                 differences.append(f"{kind} {name!r} does not exist")
@@ -116,10 +116,10 @@ def base_differences(model: nn.Module, record: dict[str, Any]) -> list[str]:
 
 def check_base(model: nn.Module, folder: Path, allow_base_mismatch: bool) -> None:
     """Refuse to load the adapter at ``folder`` onto a base that differs from the one it was saved on."""
-    record = recorded_fingerprint(Path(folder))
-    if record is None or allow_base_mismatch:
+    fingerprint = recorded_fingerprint(Path(folder))
+    if fingerprint is None or allow_base_mismatch:
         return
-    differences = base_differences(model, record)
+    differences = base_differences(model, fingerprint)
     if differences:
         shown = "; ".join(differences[:5]) + (
             f"; and {len(differences) - 5} more" if len(differences) > 5 else ""

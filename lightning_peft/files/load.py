@@ -18,10 +18,9 @@ from lightning_peft.files.fingerprint import check_base
 from lightning_peft.files.hub import resolve_adapter_path
 from lightning_peft.files.names import ADAPTER_WEIGHTS
 from lightning_peft.files.peft_keys import from_file_keys
-from lightning_peft.files.reader import AdapterFile, PathLike, read_adapter, read_methods
+from lightning_peft.files.reader import AdapterFile, PathLike, read_adapter
 from lightning_peft.files.save import file_key_map
 from lightning_peft.files.tensor_checks import check_dtypes, check_finite
-from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.ops.named_adapters import add_adapter, delete_adapter, only_adapter
 from lightning_peft.ops.parameters import trainable_parameter_names
 from lightning_peft.ops.participation import watch_first_inference
@@ -32,9 +31,17 @@ from lightning_peft.ops.state_dict import (
 )
 
 
-def read_adapter_config(path: PathLike) -> list[PEFTMethod]:
-    """The method configurations stored at ``path`` (an adapter folder, ours or HF PEFT's, or a file)."""
-    return read_methods(path)
+def read_adapter_for(
+    model: nn.Module, path: PathLike | AdapterFile, *, allow_base_mismatch: bool = False
+) -> AdapterFile:
+    """Read the adapter at ``path`` (a folder, a ``.safetensors`` file, an adapter-only ``.ckpt`` or a Hub id,
+    which is fetched first) for loading onto ``model``: a folder saved on a different base is refused unless
+    ``allow_base_mismatch=True`` (:func:`~lightning_peft.files.fingerprint.check_base`). Nothing is attached."""
+    if isinstance(path, AdapterFile):
+        return path
+    path = resolve_adapter_path(path)
+    check_base(model, path, allow_base_mismatch)
+    return read_adapter(path)
 
 
 def load_adapter(
@@ -57,10 +64,7 @@ def load_adapter(
     and both shapes and the model is unchanged.
     NaN/Inf values are refused unless ``allow_nonfinite=True``.
     """
-    if not isinstance(path, AdapterFile):
-        path = resolve_adapter_path(path)
-        check_base(model, path, allow_base_mismatch)
-    adapter = read_adapter(path)
+    adapter = read_adapter_for(model, path, allow_base_mismatch=allow_base_mismatch)
     tensor_file = _tensor_file(adapter)
     if not allow_nonfinite:
         check_finite(adapter.tensors, tensor_file)
@@ -91,7 +95,9 @@ def _tensor_file(adapter: AdapterFile) -> str:
 
 
 def state_from_file(model: nn.Module, adapter: AdapterFile) -> dict[str, torch.Tensor]:
-    """The file's tensors keyed by ``model``'s adapter tensor names; raises on an unexpected or missing one."""
+    """The tensors of ``adapter`` keyed by ``model``'s adapter tensor names (the adapter must be attached and
+    the only one active); raises on an unexpected or missing tensor. :func:`load_adapter`, Lightning checkpoints
+    and ``combine_adapter_folders`` (which reads tensors without loading them) all map keys through here."""
     if adapter.key_format == "peft":
         expected = file_key_map(model)  # model name -> file key
     else:

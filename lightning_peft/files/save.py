@@ -24,7 +24,7 @@ from lightning_peft.core.base_model import base_model as find_base_model
 from lightning_peft.core.record import DEFAULT_ADAPTER_NAME, attached_methods, get_record, is_attached
 from lightning_peft.distributed.strategies import check_saveable, is_global_zero
 from lightning_peft.files.atomic import replace_folder
-from lightning_peft.files.fingerprint import fingerprint_record
+from lightning_peft.files.fingerprint import fingerprint_metadata
 from lightning_peft.files.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_VERSION, METADATA_KEY
 from lightning_peft.files.peft_keys import to_file_keys
 from lightning_peft.files.reader import PathLike
@@ -83,7 +83,7 @@ def base_info(model: nn.Module) -> dict[str, Any]:
 
 
 def adapter_meta(model: nn.Module, methods: Sequence[PEFTMethod], strict: bool = True) -> dict[str, Any]:
-    """lightning-peft's own record of an adapter, written to files and checkpoints. With ``strict=False``
+    """lightning-peft's own metadata of an adapter, written to files and checkpoints. With ``strict=False``
     (checkpoints, whose tensors keep the module's own names) an ambiguous base model is recorded as unknown
     instead of raising; exporting such a checkpoint then asks which model is the base."""
     try:
@@ -110,7 +110,7 @@ def adapter_config_dict(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any
     exactly PEFT's (so PEFT loads the folder without warnings) and our metadata goes into the safetensors
     header; otherwise the JSON holds our metadata under ``"lightning_peft"``."""
     methods = [m.saved_config() for m in attached_methods(model) or []]
-    meta = {**adapter_meta(model, methods), **fingerprint_record(model)}
+    meta = {**adapter_meta(model, methods), **fingerprint_metadata(model)}
     peft_config = methods[0].peft_config(model) if len(methods) == 1 else None
     if peft_config:
         meta["peft_config"] = peft_config  # what the JSON said when written: any later edit is detected

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_peft.inference.labels import label_names, score_rows
 from lightning_peft.inference.rebuild import load_classifier, resolve_model_path
 
 
@@ -18,7 +19,7 @@ class TextClassifierPipeline:
 
     ``pipeline(["a great film", "dull"])`` → ``[{"label": "positive", "score": 0.97}, ...]``: the most likely
     class and its softmax probability per text. Labels are ``labels`` when given, else the model config's
-    ``id2label`` (which transformers fills with ``LABEL_0``, ``LABEL_1``, ... by default).
+    ``id2label`` names, else transformers' ``LABEL_0``, ``LABEL_1``, ... (see :mod:`lightning_peft.inference.labels`).
 
     Args:
         model: a sequence-classification model returning ``.logits`` of shape (batch, classes).
@@ -48,8 +49,8 @@ class TextClassifierPipeline:
                 raise ValueError(
                     f"labels has {len(labels)} names ({labels}) but the model predicts {num_labels} classes"
                 )
-        elif config is not None and getattr(config, "id2label", None):
-            labels = [str(config.id2label[i]) for i in sorted(config.id2label)]
+        else:
+            labels = label_names(model)
         self.labels = labels
         if batch_size <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -94,13 +95,6 @@ class TextClassifierPipeline:
         """``[{"label": name, "score": probability}]``, one dict per text, in order."""
         if isinstance(texts, str):
             texts = [texts]
-        probs = self.predict_proba(texts)
-        if not len(probs):
-            return []
-        best, index = probs.max(-1)
-        return [
-            {"label": self.labels[i] if self.labels else i, "score": float(p)}
-            for p, i in zip(best.tolist(), index.tolist())
-        ]
+        return score_rows(self.predict_proba(texts), self.labels)
 
     __call__ = predict_texts
