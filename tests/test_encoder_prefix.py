@@ -22,7 +22,7 @@ from zoo_models import ZOO
 
 from lightning_peft import PrefixTuning, apply_peft, load_adapter, save_adapter
 from lightning_peft.core.base_model import set_activation_checkpointing
-from lightning_peft.methods.prefix import EncoderPrefixLayer
+from lightning_peft.methods.prefix.layers import EncoderPrefixLayer
 
 SEQ2SEQ = {z.name: z for z in ZOO if z.kind == "encoder-decoder"}
 P = 3

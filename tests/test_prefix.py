@@ -36,7 +36,7 @@ from lightning_peft import (
     save_adapter,
     trainable_parameter_names,
 )
-from lightning_peft.methods.prefix import PrefixLayer
+from lightning_peft.methods.prefix.layers import PrefixLayer
 from lightning_peft.ops.parameters import peft_layers
 
 P = 3

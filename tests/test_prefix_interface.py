@@ -9,7 +9,7 @@ from zoo_models import ZOO
 
 from lightning_peft import PrefixTuning, apply_peft
 from lightning_peft.core.base_model import set_activation_checkpointing
-from lightning_peft.methods.prefix import InterfacePrefixLayer
+from lightning_peft.methods.prefix.layers import InterfacePrefixLayer
 
 ZOO_BY_NAME = {z.name: z for z in ZOO}
 

@@ -223,7 +223,7 @@ def test_module_size(name: str) -> None:
 
 
 def test_one_reader_for_every_load_path() -> None:
-    # reading files from disk (torch.load, safetensors load_file/safe_open) happens in reader.py only
+    # reading files from disk (torch.load, safetensors load_file/safe_open) happens in files/reader.py only
     readers = {name for name in MODULES if file_reading_calls(name)}
     assert readers == {"lightning_peft.files.reader"}
 

@@ -33,7 +33,7 @@ ATTENTION_CACHE_KEYS = (*CACHE_KEYS, "past_key_value")
 
 
 class PrefixSource(Protocol):
-    """The part of :class:`~lightning_peft.methods.prefix.PrefixLayer` this module needs."""
+    """The part of :class:`~lightning_peft.methods.prefix.layers.PrefixLayer` this module needs."""
 
     num_virtual_tokens: int
     #: the layers that received their prefix through :class:`PrefixKeyValues` in the current forward

@@ -14,7 +14,7 @@ layers that share one attention module. The config's attention implementation is
 Activation checkpointing would call the attention again in backward, so it is refused with an error.
 
 The same route puts a prefix into the encoder's self-attention of an encoder-decoder model
-(``PrefixTuning(encoder_prefix=True)``, :class:`~lightning_peft.methods.prefix.EncoderPrefixLayer`). T5 adds a
+(``PrefixTuning(encoder_prefix=True)``, :class:`~lightning_peft.methods.prefix.layers.EncoderPrefixLayer`). T5 adds a
 relative position bias to the scores; the prefix positions get none (they are position-free memory slots),
 so the real tokens keep exactly the bias they had.
 
@@ -104,7 +104,7 @@ def uses_attention_interface(backbone: nn.Module, declared: bool = True) -> bool
 
 
 class InterfacePrefix:
-    """The forward of :class:`~lightning_peft.methods.prefix.InterfacePrefixLayer` (a mixin over
+    """The forward of :class:`~lightning_peft.methods.prefix.layers.InterfacePrefixLayer` (a mixin over
     ``PrefixLayer``, whose parameters and per-layer prefixes it uses; see the module docstring)."""
 
     base_layer: Any

@@ -47,7 +47,7 @@ NO_CACHE = "the model did not use its key/value cache, which carries the prefix"
 
 
 class EncoderDecoderPrefix:
-    """The encoder-decoder forward of :class:`~lightning_peft.methods.prefix.EncoderDecoderPrefixLayer` (a
+    """The encoder-decoder forward of :class:`~lightning_peft.methods.prefix.layers.EncoderDecoderPrefixLayer` (a
     mixin over ``PrefixLayer``, whose parameters and per-layer prefixes it uses; see the module docstring)."""
 
     base_layer: Any
