@@ -36,7 +36,7 @@ from lightning_peft.model import (
 )
 from lightning_peft.participation import watch_first_inference
 from lightning_peft.peft_format import from_file_keys, to_file_keys
-from lightning_peft.quantized import quantization_state_keys
+from lightning_peft.quantized import quantization_state_keys, standard_layout_everywhere
 from lightning_peft.reader import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -165,6 +165,7 @@ def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = No
     if not is_attached(model):
         raise ValueError(f"save_adapter: no PEFT method is attached to this {type(model).__name__}")
     check_saveable(model)
+    standard_layout_everywhere(model)  # a bitsandbytes 4-bit weight repacked for the CPU kernel goes back first
     folder = Path(path)
     names = list_adapters(model)
     if adapter_name is not None:

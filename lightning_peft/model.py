@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_peft.methods.base import ADAPTER_ROUTING, PEFTLayer, PEFTMethod
 from lightning_peft.methods.registry import available_methods
-from lightning_peft.quantized import dequantize_model, parameter_numel, quantized_merge
+from lightning_peft.quantized import dequantize_model, hold_standard_layout, parameter_numel, quantized_merge
 from lightning_peft.record import (
     DEFAULT_ADAPTER,
     AdapterEntry,
@@ -151,6 +151,7 @@ def apply_peft(
         record.flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
         record.active = []
     existing = {id(layer) for _, layer in peft_layers(model)}
+    holds = hold_standard_layout(model)  # bitsandbytes 4-bit layers: no AVX512-BF16 CPU packing (quantized.py)
     record.adapters[adapter_name] = AdapterEntry(methods=[])
     record.attaching = adapter_name
     try:
@@ -165,8 +166,11 @@ def apply_peft(
         if activate:
             record.active.append(adapter_name)
         install_routing(model)
+        record.handles.extend(holds)  # removed with the adapters, like the routing hooks
         refresh_requires_grad(model)
     except BaseException:
+        for hold in holds:
+            hold.remove()
         # plan() should have caught every problem; if inject still fails, leave the model as it was
         if first:
             _take_out_adapters(model, merged_ok=False)

@@ -20,6 +20,8 @@ GROUND_FLOOR = {
     "lightning_peft.targeting",
     "lightning_peft.methods.base",
     "lightning_peft.quantized",  # bitsandbytes layers: read by the methods (DoRA's norm), the model and io
+    "lightning_peft.core",
+    "lightning_peft.core.bnb_layout",  # bitsandbytes 4-bit layout (AVX512-BF16 CPU packing), under quantized
 }
 
 
