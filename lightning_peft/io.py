@@ -165,7 +165,7 @@ def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = No
     if not is_attached(model):
         raise ValueError(f"save_adapter: no PEFT method is attached to this {type(model).__name__}")
     check_saveable(model)
-    standard_layout_everywhere(model)  # a bitsandbytes 4-bit weight repacked for the CPU kernel goes back first
+    standard_layout_everywhere(model)  # 4-bit weights repacked for the CPU kernel go back first
     folder = Path(path)
     names = list_adapters(model)
     if adapter_name is not None:

@@ -151,7 +151,7 @@ def apply_peft(
         record.flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
         record.active = []
     existing = {id(layer) for _, layer in peft_layers(model)}
-    holds = hold_standard_layout(model)  # bitsandbytes 4-bit layers: no AVX512-BF16 CPU packing (quantized.py)
+    holds = hold_standard_layout(model)  # bitsandbytes 4-bit: no AVX512-BF16 CPU packing (quantized.py)
     record.adapters[adapter_name] = AdapterEntry(methods=[])
     record.attaching = adapter_name
     try:
