@@ -12,7 +12,13 @@ from torch import nn
 
 from lightning_peft.methods.base import ADAPTER_ROUTING, PEFTLayer, PEFTMethod
 from lightning_peft.methods.registry import available_methods
-from lightning_peft.quantized import dequantize_model, hold_standard_layout, parameter_numel, quantized_merge
+from lightning_peft.quantized import (
+    dequantize_model,
+    hold_standard_layout,
+    parameter_numel,
+    quantized_merge,
+    standard_layout_everywhere,
+)
 from lightning_peft.record import (
     DEFAULT_ADAPTER,
     AdapterEntry,
@@ -312,6 +318,7 @@ def _set_merged(model: nn.Module, merge: bool) -> None:
             "(and BitFit, which changes the base biases in place) can. Keep the adapter attached for inference, "
             "or call remove_peft(model) to take it out without merging"
         )
+    standard_layout_everywhere(model)  # bitsandbytes 4-bit weights repacked for the CPU kernel go back first
     changed = 0
     for _name, layer in layers:
         if layer.merged == merge:
