@@ -9,15 +9,22 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test lint format docs bench clean
 
-$(BIN)/python:
-	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
+# Set-up is quiet: one line per step; pip -q still prints its warnings and errors.
+PIP := $(BIN)/python -m pip --disable-pip-version-check
 
+$(BIN)/python:
+	@echo "setup: creating $(VENV) with $(PY)"
+	@$(PY) -m venv $(VENV)
+	@$(PIP) install -q --upgrade pip
+
+# CPU torch 2.13.0 first when absent, so that no dependency pulls a multi-GB CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
-	# Install CPU torch 2.13.0 first when absent, so that no dependency pulls a multi-GB CUDA build.
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e ".[test,examples,docs,plots,qlora]"
-	touch $(STAMP)
+	@$(BIN)/python -c "import torch" 2>/dev/null || { echo "setup: installing torch 2.13.0"; \
+		$(PIP) install -q torch==2.13.0; }
+	@echo "setup: installing lightning-peft with its extras test, examples, docs, plots, qlora"
+	@$(PIP) install -q -e ".[test,examples,docs,plots,qlora]"
+	@touch $(STAMP)
+	@echo "setup: done ($(VENV))"
 
 setup: $(STAMP)
 

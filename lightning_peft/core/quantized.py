@@ -14,6 +14,9 @@ holds bitsandbytes layers has already imported it, so ``sys.modules`` tells whet
   so that unmerging restores them bit for bit;
 * :func:`dequantize_model` swaps every quantized layer for a plain ``nn.Linear`` (``merge_and_unload(model,
   dequantize=True)``);
+* layout: :func:`hold_standard_layout` (``apply_peft`` calls it) keeps every 4-bit layer of an adapted model
+  in bitsandbytes' standard layout, switching off its AVX512-BF16 CPU packing (``core/bnb_layout.py``); every
+  function here first converts a packed weight back;
 
 The FSDP check on 4-bit storage lives in :mod:`lightning_peft.distributed.strategies`, the guard for Lightning's
 ``BitsandbytesPrecision`` plugin in :mod:`lightning_peft.lightning.precision`.
@@ -32,6 +35,14 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+
+from lightning_peft.core.bnb_layout import (  # noqa: F401 (re-exported: the public home of these is here)
+    hold_standard_layout,
+    is_packed,
+    standard_layout,
+    standard_layout_everywhere,
+    unpacked_numel,
+)
 
 #: largest value of the row statistics that LLM.int8() divides by
 _INT8_MAX = 127.0
@@ -68,11 +79,13 @@ def quantized_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def parameter_numel(param: torch.Tensor) -> int:
-    """The number of values ``param`` holds: for a packed 4-bit weight the unpacked count (not bytes)."""
-    bnb = _bnb()
-    if bnb is not None and isinstance(param, bnb.nn.Params4bit) and param.quant_state is not None:
-        return int(torch.Size(param.quant_state.shape).numel())
-    return param.numel()
+    """The number of values ``param`` holds: for a packed 4-bit weight the unpacked count (not bytes). A weight
+    that bitsandbytes repacked for its CPU kernel is first brought back to the standard layout."""
+    numel = unpacked_numel(param)
+    if numel is None:
+        return param.numel()
+    standard_layout(param, "a 4-bit layer")
+    return numel
 
 
 def quantization_state_keys(model: nn.Module) -> set[str]:
@@ -80,6 +93,7 @@ def quantization_state_keys(model: nn.Module) -> set[str]:
     ``...weight.quant_state.bitsandbytes__nf4``, ``...SCB``, ``...weight_format``). A layer keeps its own; loading
     them back is neither needed nor always possible (an 8-bit layer that has run refuses its ``SCB``)."""
     keys: set[str] = set()
+    standard_layout_everywhere(model)  # (bitsandbytes' state_dict() would convert back too, silently)
     for name, module in quantized_modules(model):
         own = {n for n, _ in module.named_parameters(recurse=False)} | {
             n for n, _ in module.named_buffers(recurse=False)
@@ -91,15 +105,8 @@ def quantization_state_keys(model: nn.Module) -> set[str]:
 
 # -- reading and writing the weight ------------------------------------------------------------------------
 def _standard_layout(module: nn.Module) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place at the first inference forward
-    (``packing_format_for_cpu``, shape (out, in/2)); bring it back to the standard layout, as bitsandbytes'
-    own ``state_dict()`` does."""
-    weight = module.weight
-    state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    """Before reading or writing a 4-bit weight: undo bitsandbytes' CPU packing (``core/bnb_layout.py``)."""
+    standard_layout(module.weight, type(module).__name__)
 
 
 def _int8_scales(module: nn.Module) -> torch.Tensor:

@@ -21,6 +21,7 @@ from lightning_peft.core.base_model import (
     task_type_of,
 )
 from lightning_peft.core.base_model import base_model as find_base_model
+from lightning_peft.core.quantized import standard_layout_everywhere
 from lightning_peft.core.record import DEFAULT_ADAPTER_NAME, attached_methods, get_record, is_attached
 from lightning_peft.distributed.strategies import check_saveable, is_global_zero
 from lightning_peft.files.atomic import replace_folder
@@ -149,6 +150,7 @@ def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = No
     if not is_attached(model):
         raise ValueError(f"save_adapter: no PEFT method is attached to this {type(model).__name__}")
     check_saveable(model)
+    standard_layout_everywhere(model)  # 4-bit weights repacked for the CPU kernel go back first
     folder = Path(path)
     names = list_adapters(model)
     if adapter_name is not None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_peft.core.quantized import quantized_merge
+from lightning_peft.core.quantized import hold_standard_layout, quantized_merge
 from lightning_peft.core.record import (
     DEFAULT_ADAPTER_NAME,
     AdapterEntry,
@@ -91,6 +91,7 @@ def apply_peft(
         record.flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
         record.active = []
     existing = {id(layer) for _, layer in peft_layers(model)}
+    holds = hold_standard_layout(model)  # bitsandbytes 4-bit: no AVX512-BF16 CPU packing (core/quantized.py)
     record.adapters[adapter_name] = AdapterEntry(methods=[])
     record.attaching = adapter_name
     try:
@@ -105,8 +106,11 @@ def apply_peft(
         if activate:
             record.active.append(adapter_name)
         install_routing(model)
+        record.handles.extend(holds)  # removed with the adapters, like the routing hooks
         refresh_requires_grad(model)
     except BaseException:
+        for hold in holds:
+            hold.remove()
         # plan() should have caught every problem; if inject still fails, leave the model as it was
         if first:
             take_out_adapters(model, merged_ok=False)

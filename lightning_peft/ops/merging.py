@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_peft.core.quantized import dequantize_model, quantized_merge
+from lightning_peft.core.quantized import dequantize_model, quantized_merge, standard_layout_everywhere
 from lightning_peft.core.record import (
     drop_record,
 )
@@ -30,6 +30,7 @@ def _set_merged(model: nn.Module, merge: bool) -> None:
             "(and BitFit, which changes the base biases in place) can. Keep the adapter attached for inference, "
             "or call remove_peft(model) to take it out without merging"
         )
+    standard_layout_everywhere(model)  # bitsandbytes 4-bit weights repacked for the CPU kernel go back first
     changed = 0
     for _name, layer in layers:
         if layer.merged == merge:
