@@ -21,8 +21,8 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	@$(BIN)/python -c "import torch" 2>/dev/null || { echo "setup: installing torch 2.13.0"; \
 		$(PIP) install -q torch==2.13.0; }
-	@echo "setup: installing lightning-peft with its extras test, examples, docs, plots, qlora"
-	@$(PIP) install -q -e ".[test,examples,docs,plots,qlora]"
+	@echo "setup: installing lightning-peft with its extras test, examples, docs, plots, qlora, llm"
+	@$(PIP) install -q -e ".[test,examples,docs,plots,qlora,llm]"
 	@touch $(STAMP)
 	@echo "setup: done ($(VENV))"
 

@@ -7,7 +7,6 @@ adapter-only ``.ckpt``; every way of loading it must give the in-memory model's 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from lightning_peft.cli.lightning_cli import write_base_and_labels
 from lightning_peft.inference.pipeline import TextClassifierPipeline
 from lightning_peft.inference.rebuild import load_classifier, resolve_model_path
 from lightning_peft.lightning.checkpoints import filter_checkpoint
+from lightning_peft.tasks import SequenceClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a gripping, beautifully acted film", "a tedious, overlong mess", "fine", "the jokes are stale"]
@@ -29,23 +29,13 @@ LABELS = ["negative", "positive"]
 pytestmark = pytest.mark.slow
 
 
-def _load_example_module() -> Any:
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import text_classification
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
-    return text_classification
-
-
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A SequenceClassifier with a LoRA adapter (random non-zero B), its folder, its .ckpt and reference probs."""
     from transformers import AutoTokenizer
 
-    text_classification = _load_example_module()
     torch.manual_seed(0)
-    module = text_classification.SequenceClassifier(model_name_or_path="minilm", labels=LABELS)
+    module = SequenceClassifier(model_name_or_path="minilm", labels=LABELS)
     apply_peft(module, LoRA(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
     with torch.no_grad():
         for name, param in module.named_parameters():
