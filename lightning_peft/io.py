@@ -34,6 +34,7 @@ from lightning_peft.model import (
     state_dict_key,
     trainable_parameter_names,
 )
+from lightning_peft.ops.resolve import accepts_inner_model
 from lightning_peft.participation import watch_first_inference
 from lightning_peft.peft_format import from_file_keys, to_file_keys
 from lightning_peft.quantized import quantization_state_keys
@@ -155,6 +156,7 @@ def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = None) -> Path:
     """Write adapters of ``model`` to the folder ``path`` in HF PEFT's layout: ``adapter_model.safetensors``
     holding only the adapter's tensors (and ``modules_to_save``), and ``adapter_config.json``. No pickle is
@@ -198,6 +200,7 @@ def read_adapter_config(path: PathLike) -> list[PEFTMethod]:
     return read_methods(path)
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def load_adapter(
     model: nn.Module,
     path: PathLike | AdapterFile,

@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_peft.methods.base import ADAPTER_ROUTING, PEFTLayer, PEFTMethod
 from lightning_peft.methods.registry import available_methods
+from lightning_peft.ops.resolve import accepts_inner_model, relative_names
 from lightning_peft.quantized import dequantize_model, parameter_numel, quantized_merge
 from lightning_peft.record import (
     DEFAULT_ADAPTER,
@@ -74,6 +75,7 @@ def peft_layers(model: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:
             yield name, module
 
 
+@relative_names  # issue 20: also given a module inside the one PEFT was attached to
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters the active adapter(s) own: what trains and what checkpoints hold, in
     ``model.named_parameters()`` order."""
@@ -184,6 +186,7 @@ def apply_peft(
     return count_parameters(model)
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def remove_peft(model: nn.Module) -> nn.Module:
     """Take every adapter out without merging: the base model as it was before :func:`apply_peft`,
     with the parameters' original ``requires_grad`` flags (BitFit/modules_to_save changes stay), and no
@@ -265,6 +268,7 @@ def refresh_requires_grad(model: nn.Module) -> None:
         param.requires_grad_(name in trainable)
 
 
+@relative_names  # issue 20: also given a module inside the one PEFT was attached to
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed by their names in ``model.state_dict()``."""
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -319,6 +323,7 @@ def _set_merged(model: nn.Module, merge: bool) -> None:
         rank_zero_warn(f"the adapter is already {'merged' if merge else 'unmerged'}; nothing changed")
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold every mergeable adapter into its base weights (inference then costs what the base model costs)."""
     with torch.no_grad():
@@ -326,6 +331,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_adapter`."""
     with torch.no_grad():
@@ -333,6 +339,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Merge the adapter and give back the plain model: original module types, no adapter modules left.
 

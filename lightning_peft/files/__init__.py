@@ -1,0 +1,1 @@
+"""Adapter files: reading, writing, checking and exporting them."""
