@@ -31,6 +31,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_peft.atomic import write_text
+from lightning_peft.cli_llm import LLM_COMMANDS, LLM_HELP
 from lightning_peft.io import ADAPTER_CONFIG, save_adapter
 from lightning_peft.methods import PEFTMethod
 from lightning_peft.predict import AUTO_CLASSES, load_adapted_model
@@ -232,12 +233,14 @@ lightning_peft.PEFTCallback entry in trainer.callbacks):
   export-adapter  write an adapter-only .ckpt as an adapter folder (lightning-peft export-adapter --help)
   compare         train several methods under one YAML recipe, side by side (lightning-peft compare --help)
 """
+EXTRA_HELP += LLM_HELP  # issue 20: generate, chat, merge, export-check (lightning_peft/cli_llm.py)
 
 EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "classify": _classify_main,
     "export-adapter": export_main,
     "compare": _compare_main,
 }
+EXTRA_COMMANDS.update(LLM_COMMANDS)  # issue 20
 
 
 def cli(args: Sequence[str] | None = None, **kwargs: Any) -> PEFTLightningCLI | int:

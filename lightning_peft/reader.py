@@ -124,6 +124,8 @@ def _read_safetensors(
                 "so the method that wrote it is unknown"
             )
     base = {k: config[k] for k in ("base_model_name_or_path", "task_type", "label_names") if config.get(k)}
+    # issue 20: a folder in lightning-peft's own format (no HF PEFT equivalent) records its base in the header
+    base = {**((_loads(meta, weights_file).get("base") or {}) if meta else {}), **base}
     if "label_names" in base:
         base["labels"] = base.pop("label_names")
     return AdapterFile(
