@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from text_classification import SequenceClassifier, TextClassificationDataModule  # noqa: E402
-
 from lightning_peft import LoRA, PEFTCallback, count_parameters, load_adapter, save_adapter  # noqa: E402
 from lightning_peft.quiet import silence_known_noise  # noqa: E402
+from lightning_peft.tasks import SequenceClassifier, TextClassificationDataModule  # noqa: E402
 
 EXAMPLES = [
     "a gripping, beautifully acted film that stays with you long after the credits roll",

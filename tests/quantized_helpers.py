@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from text_classification import QUANTIZATIONS, quantization_kwargs  # noqa: E402, F401 (re-exported)
+from lightning_peft.tasks.common import QUANTIZATIONS, quantization_kwargs  # noqa: F401 (re-exported)
 
 #: hidden 64 (not the other tests' 32): every weight then fills whole 64-value bitsandbytes blocks
 HIDDEN = 64

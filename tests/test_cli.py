@@ -35,7 +35,7 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def repo_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the configs name examples.text_classification.*; the console script imports from the working directory
+    # the configs read ../shared/data relative to the working directory
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

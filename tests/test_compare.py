@@ -86,7 +86,7 @@ def test_run_config_swaps_the_method_and_drops_checkpointing(tmp_path: Path) -> 
 def test_compare_runs_resumes_and_reports(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(ROOT)  # the YAML names examples.text_classification.*
+    monkeypatch.chdir(ROOT)  # the YAML reads ../shared/data relative to the working directory
     monkeypatch.setattr(sys, "argv", ["lightning-peft"])
     tiny = [
         "trainer.max_epochs=1",

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from text_classification import TextClassificationDataModule  # noqa: E402
+from lightning_peft.tasks import TextClassificationDataModule
 
 
 def write(folder: Path, split: str, rows: list[tuple[str, int]]) -> None:

@@ -7,7 +7,6 @@ adapter-only ``.ckpt``; every way of loading it must give the in-memory model's 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from lightning_peft import LoRA, apply_peft, save_adapter
 from lightning_peft.cli import cli, record_metadata
 from lightning_peft.io import filter_checkpoint
 from lightning_peft.predict import TextClassifierPipeline, load_classifier, main, resolve_model_path
+from lightning_peft.tasks import SequenceClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a gripping, beautifully acted film", "a tedious, overlong mess", "fine", "the jokes are stale"]
@@ -26,23 +26,13 @@ LABELS = ["negative", "positive"]
 pytestmark = pytest.mark.slow
 
 
-def _load_example_module() -> Any:
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import text_classification
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
-    return text_classification
-
-
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A SequenceClassifier with a LoRA adapter (random non-zero B), its folder, its .ckpt and reference probs."""
     from transformers import AutoTokenizer
 
-    text_classification = _load_example_module()
     torch.manual_seed(0)
-    module = text_classification.SequenceClassifier(model_name_or_path="minilm", labels=LABELS)
+    module = SequenceClassifier(model_name_or_path="minilm", labels=LABELS)
     apply_peft(module, LoRA(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
     with torch.no_grad():
         for name, param in module.named_parameters():

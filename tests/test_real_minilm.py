@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_peft as lp
 from lightning_peft import LoRA, PEFTCallback, apply_peft, load_peft_checkpoint, trainable_parameter_names
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from text_classification import SequenceClassifier, TextClassificationDataModule  # noqa: E402
+from lightning_peft.tasks import SequenceClassifier, TextClassificationDataModule
 
 pytestmark = pytest.mark.skipif(not SST2_DIR.is_dir(), reason="SST-2 data not found next to the repository")
 

@@ -1,0 +1,223 @@
+"""Chat/instruction data for causal-LM SFT: JSONL files or SST-2/BBC News as chat tasks.
+
+:class:`ChatDataModule` tokenizes with the model's chat template (:func:`~lightning_peft.tasks.chat_format.
+encode_chat`: loss only on the assistant turns and their end-of-turn token), pads dynamically, groups similar
+lengths into batches, optionally packs several conversations into one row (no attention across them), and tags
+every training batch with the answer-token count of its gradient-accumulation window (see
+:class:`~lightning_peft.tasks.causal_lm.CausalLMSFT`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from lightning_peft.packaged_models import resolve_model_path
+from lightning_peft.tasks.batching import (
+    PackedRow,
+    TaggedDataset,
+    WindowedBatchSampler,
+    collate_packed,
+    pack_examples,
+    pad_batch,
+)
+from lightning_peft.tasks.chat_format import (
+    ChatExample,
+    EncodedExample,
+    bbc_news_examples,
+    encode_chat,
+    fit_classification_examples,
+    read_jsonl,
+    sst2_examples,
+)
+from lightning_peft.tasks.common import default_data_dir, missing_data_error
+from lightning_peft.tasks.tsv_data import read_table, table_file
+
+#: the converters of ``ChatDataModule(dataset=...)``
+DATASETS = ("sst2", "bbc_news")
+
+
+def _tagged_collate(items: list[tuple[Any, int]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Collate ``(example or packed row, window_tokens)`` pairs; adds ``num_answer_tokens`` (the window's)."""
+    batch = (
+        collate_packed([i for i, _ in items], pad_id) if packed else pad_batch([i for i, _ in items], pad_id)
+    )
+    batch["num_answer_tokens"] = torch.tensor(items[0][1], dtype=torch.long)
+    return batch
+
+
+def collate_eval(examples: list[EncodedExample], pad_id: int, choice_ids: list[int] | None) -> dict[str, Any]:
+    """Padded validation batch; for classification tasks also ``choice_token_ids`` (C,) and ``choice_index`` (B,)
+    (-1 where an example's answer is not one of the choices)."""
+    batch: dict[str, Any] = pad_batch(examples, pad_id)
+    if choice_ids is not None:
+        batch["choice_token_ids"] = torch.tensor(choice_ids, dtype=torch.long)
+        batch["choice_index"] = torch.tensor([e.answer for e in examples], dtype=torch.long)
+    return batch
+
+
+class ChatDataModule(pl.LightningDataModule):
+    """Conversations for supervised fine-tuning of a chat model.
+
+    Args:
+        train_file: JSONL training file (``messages`` or ``prompt``/``completion`` records); or use ``dataset``.
+        val_file: JSONL validation file (optional with ``train_file``).
+        dataset: ``"sst2"`` or ``"bbc_news"``: the TSV files of ``data_dir`` turned into one-word chat answers
+            ("Is the sentiment of this sentence positive or negative? Answer with one word." → "positive").
+        data_dir: folder of ``dataset``'s ``train``/``validation`` TSV files (default ``$LIGHTNING_PEFT_DATA/
+            <dataset>``, else ``../shared/data/<dataset>`` relative to the working directory).
+        model_name_or_path: whose tokenizer and chat template to use (``"smollm2"`` = the packaged
+            SmolLM2-135M-Instruct).
+        train_size: use the first N training conversations (``None`` = all).
+        val_size: validate on the first N validation conversations (``None`` = all).
+        batch_size: conversations (or packed rows) per batch.
+        max_length: tokens per conversation (longer ones are cut; classification documents are shortened so
+            the answer fits) and per packed row.
+        packing: concatenate conversations into rows of ``max_length`` tokens (position ids restart and a
+            block-diagonal mask keeps them apart). Not with prompt or prefix tuning, which need a 2-D mask.
+        group_by_length: batch similar lengths together (less padding); batches are still shuffled.
+        shuffle: new order every epoch.
+        seed: seed of the shuffles.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        dataset: str | None = None,
+        data_dir: str | None = None,
+        model_name_or_path: str | None = "smollm2",
+        train_size: int | None = None,
+        val_size: int | None = None,
+        batch_size: int = 8,
+        max_length: int = 256,
+        packing: bool = False,
+        group_by_length: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if (train_file is None) == (dataset is None):
+            raise ValueError(
+                f"give exactly one of train_file or dataset, got train_file={train_file!r}, dataset={dataset!r}"
+            )
+        if dataset is not None and dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {list(DATASETS)} or None, got {dataset!r}")
+        for name, value in (("train_size", train_size), ("val_size", val_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None (all rows), got {value!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length!r}")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir(dataset or "")
+        self.splits: dict[str, list[EncodedExample]] = {}
+        self._tokenizer: Any = None
+        self._sampler: WindowedBatchSampler | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (with its chat template), loaded on first use."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                resolve_model_path(self.hparams.model_name_or_path)
+            )
+        return self._tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id: the pad token, else EOS (padding is masked by position, so they may coincide)."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return int(pad if pad is not None else 0)
+
+    def _examples(self, split: str) -> list[ChatExample]:
+        hp = self.hparams
+        if hp.dataset is None:
+            path = hp.train_file if split == "train" else hp.val_file
+            return read_jsonl(path) if path else []
+        rows = read_table(table_file(self.data_dir, split))
+        if hp.dataset == "sst2":
+            examples = sst2_examples(rows)
+        else:
+            labels_file = self.data_dir / "labels.txt"
+            if not labels_file.is_file():
+                raise missing_data_error(self.data_dir, "labels.txt (the BBC News class names)")
+            names = [line.strip() for line in labels_file.read_text().splitlines() if line.strip()]
+            examples = bbc_news_examples(rows, names)
+        return fit_classification_examples(self.tokenizer, examples, hp.max_length)
+
+    def _encode(self, examples: list[ChatExample], split: str) -> list[EncodedExample]:
+        encoded = [encode_chat(self.tokenizer, e, self.hparams.max_length) for e in examples]
+        kept = [e for e in encoded if e is not None]
+        if len(kept) < len(encoded):
+            rank_zero_warn(
+                f"{split}: {len(encoded) - len(kept)} of {len(encoded)} conversations dropped: no assistant token "
+                f"is left within max_length={self.hparams.max_length}"
+            )
+        if not kept:
+            raise ValueError(f"{split}: no conversation has an assistant token within max_length")
+        return kept
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, convert and tokenize the training and validation conversations."""
+        hp = self.hparams
+        if "train" in self.splits:
+            return
+        train = self._examples("train")
+        self.splits["train"] = self._encode(train[: hp.train_size] if hp.train_size else train, "train")
+        val = self._examples("validation")
+        if val:
+            self.splits["validation"] = self._encode(val[: hp.val_size] if hp.val_size else val, "validation")
+
+    def choice_token_ids(self, split: str = "validation") -> list[int] | None:
+        """First token of each answer word when the split is a classification task with shared choices, else
+        ``None``. Raises when two choices start with the same token (the scoring could not tell them apart)."""
+        examples = self.splits.get(split) or []
+        if not examples or not examples[0].choices or any(e.choices != examples[0].choices for e in examples):
+            return None
+        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in examples[0].choices]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"the choices {examples[0].choices} do not start with distinct tokens: {ids}")
+        return ids
+
+    def train_dataloader(self) -> DataLoader:
+        """Length-grouped (optionally packed) batches tagged with their accumulation window's answer tokens."""
+        hp = self.hparams
+        items: list[EncodedExample] | list[PackedRow] = self.splits["train"]
+        if hp.packing:
+            items = pack_examples(self.splits["train"], hp.max_length)
+        lengths = [len(i.input_ids) for i in items]
+        answers = [i.num_answer_tokens for i in items]
+        trainer = getattr(self, "trainer", None)
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer is not None else 1
+        self._sampler = WindowedBatchSampler(
+            lengths, answers, hp.batch_size, hp.shuffle, hp.group_by_length, accumulate, hp.seed
+        )
+        return DataLoader(
+            TaggedDataset(items),
+            batch_sampler=self._sampler,
+            collate_fn=partial(_tagged_collate, pad_id=self.pad_id, packed=hp.packing),
+            num_workers=hp.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches (never packed), with the choice tokens of classification tasks."""
+        if "validation" not in self.splits:
+            raise ValueError("no validation data: give val_file (or use dataset=...)")
+        return DataLoader(
+            self.splits["validation"],
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            collate_fn=partial(collate_eval, pad_id=self.pad_id, choice_ids=self.choice_token_ids()),
+            num_workers=self.hparams.num_workers,
+        )
