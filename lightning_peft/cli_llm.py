@@ -31,10 +31,8 @@ CAUSAL_LM = "CAUSAL_LM"
 
 def resolve_base(name: str) -> str:
     """A model alias (``smollm2``, ``minilm``) → its prepared local folder; any other name unchanged."""
-    try:
-        from lightning_peft.packaged_models import resolve_model_path  # type: ignore[import-not-found]
-    except ImportError:  # the package without the model aliases of issue 20
-        from lightning_peft.predict import resolve_model_path
+    from lightning_peft.packaged_models import resolve_model_path
+
     return str(resolve_model_path(name))
 
 
