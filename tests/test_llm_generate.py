@@ -7,7 +7,16 @@ import pytest
 import torch
 from llm_tiny import tiny_chat_llama
 
-from lightning_peft import IA3, DoRA, LoRA, PEFTMethod, PrefixTuning, apply_peft, merge_adapter, merge_and_unload
+from lightning_peft import (
+    IA3,
+    DoRA,
+    LoRA,
+    PEFTMethod,
+    PrefixTuning,
+    apply_peft,
+    merge_adapter,
+    merge_and_unload,
+)
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 2]])
 
