@@ -16,7 +16,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	# Install CPU torch 2.13.0 first when absent, so that no dependency pulls a multi-GB CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e ".[test,examples,docs,plots,qlora]"
+	$(BIN)/python -m pip install -e ".[test,examples,docs,plots,qlora,llm]"
 	touch $(STAMP)
 
 setup: $(STAMP)

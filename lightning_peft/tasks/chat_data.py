@@ -210,10 +210,11 @@ class ChatDataModule(pl.LightningDataModule):
             num_workers=hp.num_workers,
         )
 
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches (never packed), with the choice tokens of classification tasks."""
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches (never packed), with the choice tokens of classification tasks; none (an empty
+        list, which Lightning skips) without ``val_file``."""
         if "validation" not in self.splits:
-            raise ValueError("no validation data: give val_file (or use dataset=...)")
+            return []
         return DataLoader(
             self.splits["validation"],
             batch_size=self.hparams.batch_size,
