@@ -190,9 +190,8 @@ class PrefixLayer(VirtualTokenLayer):
         batch, length, device = self.batch_and_length(kwargs)
         # with gradients on and no cache from the caller (training), a cache that only reads, so that a layer
         # recomputed for activation checkpointing does not append its keys twice (see _prefix_cache)
-        # Likewise when the caller asked for no cache: the model returns the cache it was given, and
-        # generate(use_cache=False) passes it back with the whole sequence, which must not meet its own keys
-        # again (issue 20: the tokens differed from generate with the cache)
+        # and when the caller asked for none: generate(use_cache=False) passes the returned cache back with the
+        # whole sequence again, which must not meet its own keys twice
         read_only = cache is None and (torch.is_grad_enabled() or kwargs.get("use_cache") is False)
         # an empty cache (training, or the first step of generate) gets the prefix; a filled one has it
         prefilled = self.cache_length(cache) == 0
