@@ -9,7 +9,7 @@
 4. score again, answer two chat messages, save the adapter from the transformers model inside the
    LightningModule, check it for serving engines, and merge it into a plain transformers folder.
 
-About 10 minutes on 2 CPU cores. ``--steps`` and ``--val-size`` make it shorter.
+About 10 minutes on 2 free CPU cores. ``--steps`` and ``--val-size`` make it shorter.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: kinder to a shared machine
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
@@ -74,10 +75,12 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=100, help="validation sentences scored")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--output", default=None, help="where to write adapter/ and merged/ (default: temp)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
     silence_known_noise()
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 2)))
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
     path = resolve_model_path("smollm2")
