@@ -124,8 +124,9 @@ def _read_safetensors(
                 "so the method that wrote it is unknown"
             )
     base = {k: config[k] for k in ("base_model_name_or_path", "task_type", "label_names") if config.get(k)}
-    # issue 20: a folder in lightning-peft's own format (no HF PEFT equivalent) records its base in the header
-    base = {**((_loads(meta, weights_file).get("base") or {}) if meta else {}), **base}
+    # issue 20: a folder in lightning-peft's own format (no HF PEFT equivalent) records its base inside
+    own = config.get(CHECKPOINT_KEY) if isinstance(config.get(CHECKPOINT_KEY), dict) else {}
+    base = {**{k: v for k, v in (own.get("base") or {}).items() if v is not None}, **base}
     if "label_names" in base:
         base["labels"] = base.pop("label_names")
     return AdapterFile(
