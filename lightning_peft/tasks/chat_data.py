@@ -140,12 +140,13 @@ class ChatDataModule(pl.LightningDataModule):
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         return int(pad if pad is not None else 0)
 
-    def _examples(self, split: str) -> list[ChatExample]:
+    def _examples(self, split: str, size: int | None) -> list[ChatExample]:
+        """The first ``size`` conversations of ``split`` (all when ``None``), read or converted."""
         hp = self.hparams
         if hp.dataset is None:
             path = hp.train_file if split == "train" else hp.val_file
-            return read_jsonl(path) if path else []
-        rows = read_table(table_file(self.data_dir, split))
+            return read_jsonl(path)[:size] if path else []
+        rows = read_table(table_file(self.data_dir, split))[:size]  # convert only what is used
         if hp.dataset == "sst2":
             examples = sst2_examples(rows)
         else:
@@ -173,11 +174,10 @@ class ChatDataModule(pl.LightningDataModule):
         hp = self.hparams
         if "train" in self.splits:
             return
-        train = self._examples("train")
-        self.splits["train"] = self._encode(train[: hp.train_size] if hp.train_size else train, "train")
-        val = self._examples("validation")
+        self.splits["train"] = self._encode(self._examples("train", hp.train_size), "train")
+        val = self._examples("validation", hp.val_size)
         if val:
-            self.splits["validation"] = self._encode(val[: hp.val_size] if hp.val_size else val, "validation")
+            self.splits["validation"] = self._encode(val, "validation")
 
     def choice_token_ids(self, split: str = "validation") -> list[int] | None:
         """First token of each answer word when the split is a classification task with shared choices, else

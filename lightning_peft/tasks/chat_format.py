@@ -210,11 +210,15 @@ def fit_classification_examples(
     """Shorten the document inside each classification question so that the whole conversation, answer
     included, fits ``max_length`` tokens (otherwise truncation would cut the answer away)."""
     out = []
+    overheads: dict[tuple[str, str], int] = {}  # tokens around the document, per question and answer
     for example in examples:
         user = example.messages[-2]["content"]
         head, _, text = user.partition("\n\n")
-        empty = ChatExample([{"role": "user", "content": head + "\n\n"}, example.messages[-1]])
-        overhead = len(render(tokenizer, empty.messages)) + 2
+        key = (head, example.messages[-1]["content"])
+        if key not in overheads:
+            empty = [{"role": "user", "content": head + "\n\n"}, example.messages[-1]]
+            overheads[key] = len(render(tokenizer, empty)) + 2
+        overhead = overheads[key]
         budget = max(max_length - overhead, 1)
         short = truncate_text(tokenizer, text, budget)
         if short != text:
