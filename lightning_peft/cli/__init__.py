@@ -24,6 +24,7 @@ from typing import Any
 
 from lightning_peft.cli.export import export_main
 from lightning_peft.cli.lightning_cli import PEFTLightningCLI
+from lightning_peft.cli.llm import LLM_COMMANDS, LLM_HELP
 from lightning_peft.library_noise import silence_known_noise
 
 
@@ -47,12 +48,14 @@ lightning_peft.PEFTCallback entry in trainer.callbacks):
   export-adapter  write an adapter-only .ckpt as an adapter folder (lightning-peft export-adapter --help)
   compare         train several methods under one YAML recipe, side by side (lightning-peft compare --help)
 """
+EXTRA_HELP += LLM_HELP
 
 
 EXTRA_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "classify": _classify_main,
     "export-adapter": export_main,
     "compare": _compare_main,
+    **LLM_COMMANDS,  # generate, chat, merge, export-check (lightning_peft/cli/llm.py)
 }
 
 

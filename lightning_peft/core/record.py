@@ -12,6 +12,7 @@ attributes it replaced (hooks, ``strict_loading``) and the parameters' ``require
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,15 +74,28 @@ class AdapterRecord:
         return [m for entry in self.adapters.values() for m in entry.methods]
 
 
+#: modules seen holding a record, weakly (issue 20: lightning_peft/ops/resolve.py finds a submodule's record)
+_HOLDERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 def get_record(model: nn.Module) -> AdapterRecord | None:
-    return model.__dict__.get(_RECORD_KEY)
+    record = model.__dict__.get(_RECORD_KEY)
+    if record is not None:
+        _HOLDERS.add(model)  # also copies and unpickled modules, which no ensure_record call created
+    return record
 
 
 def ensure_record(model: nn.Module) -> AdapterRecord:
     record = get_record(model)
     if record is None:
         record = model.__dict__[_RECORD_KEY] = AdapterRecord()
+        _HOLDERS.add(model)
     return record
+
+
+def record_holders() -> list[nn.Module]:
+    """The live modules seen holding a record (some may have dropped theirs since)."""
+    return list(_HOLDERS)
 
 
 def drop_record(model: nn.Module) -> None:

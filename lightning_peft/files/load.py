@@ -24,6 +24,7 @@ from lightning_peft.files.tensor_checks import check_dtypes, check_finite
 from lightning_peft.ops.named_adapters import add_adapter, delete_adapter, only_adapter
 from lightning_peft.ops.parameters import trainable_parameter_names
 from lightning_peft.ops.participation import watch_first_inference
+from lightning_peft.ops.resolve import accepts_inner_model
 from lightning_peft.ops.state_dict import (
     check_adapter_state,
     load_adapter_state,
@@ -44,6 +45,7 @@ def read_adapter_for(
     return read_adapter(path)
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def load_adapter(
     model: nn.Module,
     path: PathLike | AdapterFile,

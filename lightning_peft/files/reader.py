@@ -119,6 +119,9 @@ def _read_safetensors(
                 "so the method that wrote it is unknown"
             )
     base = {k: config[k] for k in ("base_model_name_or_path", "task_type", LABEL_NAMES_KEY) if config.get(k)}
+    # issue 20: a folder in lightning-peft's own format (no HF PEFT equivalent) records its base inside
+    own = config.get(METADATA_KEY) if isinstance(config.get(METADATA_KEY), dict) else {}
+    base = {**{k: v for k, v in (own.get("base") or {}).items() if v is not None}, **base}
     if LABEL_NAMES_KEY in base:
         base["labels"] = base.pop(LABEL_NAMES_KEY)
     return AdapterFile(

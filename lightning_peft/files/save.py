@@ -32,6 +32,7 @@ from lightning_peft.files.reader import PathLike
 from lightning_peft.methods.base import PEFTLayer, PEFTMethod
 from lightning_peft.ops.named_adapters import list_adapters, only_adapter
 from lightning_peft.ops.parameters import peft_layers, trainable_parameter_names
+from lightning_peft.ops.resolve import accepts_inner_model
 from lightning_peft.ops.state_dict import (
     adapter_state_dict,
     state_dict_key,
@@ -140,6 +141,7 @@ def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = None) -> Path:
     """Write adapters of ``model`` to the folder ``path`` in HF PEFT's layout: ``adapter_model.safetensors``
     holding only the adapter's tensors (and ``modules_to_save``), and ``adapter_config.json``. No pickle is

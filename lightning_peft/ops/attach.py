@@ -22,6 +22,7 @@ from lightning_peft.core.targeting import ModuleTargets, replace_module, resolve
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.registry import available_methods
 from lightning_peft.ops.parameters import ParameterCount, count_parameters, peft_layers, refresh_requires_grad
+from lightning_peft.ops.resolve import accepts_inner_model
 from lightning_peft.ops.routing import install_routing
 
 
@@ -128,6 +129,7 @@ def apply_peft(
     return count_parameters(model)
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def remove_peft(model: nn.Module) -> nn.Module:
     """Take every adapter out without merging: the base model as it was before :func:`apply_peft`,
     with the parameters' original ``requires_grad`` flags (BitFit/modules_to_save changes stay), and no

@@ -12,6 +12,7 @@ from lightning_peft.core.record import (
 )
 from lightning_peft.ops.attach import take_out_adapters
 from lightning_peft.ops.parameters import peft_layers
+from lightning_peft.ops.resolve import accepts_inner_model
 
 
 def _set_merged(model: nn.Module, merge: bool) -> None:
@@ -42,6 +43,7 @@ def _set_merged(model: nn.Module, merge: bool) -> None:
         rank_zero_warn(f"the adapter is already {'merged' if merge else 'unmerged'}; nothing changed")
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold every mergeable adapter into its base weights (inference then costs what the base model costs)."""
     with torch.no_grad():
@@ -49,6 +51,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Undo :func:`merge_adapter`."""
     with torch.no_grad():
@@ -56,6 +59,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Merge the adapter and give back the plain model: original module types, no adapter modules left.
 

@@ -23,6 +23,7 @@ from lightning_peft.core.record import AdapterRecord, get_record, record_set_asi
 from lightning_peft.methods.base import PEFTLayer, PEFTMethod
 from lightning_peft.ops.attach import apply_peft, as_method_list, remove_peft
 from lightning_peft.ops.parameters import ParameterCount, peft_layers, refresh_requires_grad
+from lightning_peft.ops.resolve import accepts_inner_model
 from lightning_peft.ops.routing import BASE_NAME
 
 #: methods that can be one of several named adapters (see the module docstring)
@@ -48,18 +49,21 @@ def _check_names(record: AdapterRecord, names: Sequence[str], argument: str) -> 
         )
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def list_adapters(model: nn.Module) -> list[str]:
     """The names of every adapter loaded on ``model``, in the order they were added."""
     record = get_record(model)
     return list(record.adapters) if record is not None else []
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def active_adapters(model: nn.Module) -> list[str]:
     """The adapters that run in ``forward`` and train."""
     record = get_record(model)
     return list(record.active) if record is not None else []
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def add_adapter(
     model: nn.Module, method: PEFTMethod | Sequence[PEFTMethod], adapter_name: str
 ) -> ParameterCount:
@@ -94,6 +98,7 @@ def add_adapter(
     return apply_peft(model, methods, adapter_name, activate=False)
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
     """Make ``adapter_name`` (or a list of names) the adapters that run in ``forward`` and train; every other
     adapter is switched off and frozen. Several adapters may be active together when all are LoRA."""
@@ -115,6 +120,7 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> None:
     refresh_requires_grad(model)
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Inside the block, ``model`` computes the base model's outputs (every adapter switched off)."""
@@ -140,6 +146,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
             layer.active = active
 
 
+@accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove the adapter ``adapter_name``: its modules and tensors go (the memory is freed). Deleting the last
     adapter is :func:`~lightning_peft.remove_peft`."""

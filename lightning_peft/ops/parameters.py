@@ -13,6 +13,7 @@ from lightning_peft.core.record import (
     marked_parameter_names,
 )
 from lightning_peft.methods.base import PEFTLayer
+from lightning_peft.ops.resolve import relative_names
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ def peft_layers(model: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:
             yield name, module
 
 
+@relative_names  # issue 20: also given a module inside the one PEFT was attached to
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters the active adapter(s) own: what trains and what checkpoints hold, in
     ``model.named_parameters()`` order."""

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lightning_peft.ops.parameters import trainable_parameter_names
+from lightning_peft.ops.resolve import relative_names
 
 #: infixes that wrappers (FSDP1, activation checkpointing) add to ``named_parameters()`` names but that
 #: ``state_dict()`` keys do not have
@@ -21,6 +22,7 @@ def state_dict_key(name: str) -> str:
     return name
 
 
+@relative_names  # issue 20: also given a module inside the one PEFT was attached to
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed by their names in ``model.state_dict()``."""
     params = dict(model.named_parameters(remove_duplicate=False))

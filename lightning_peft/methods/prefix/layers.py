@@ -158,7 +158,9 @@ class PrefixLayer(VirtualTokenLayer):
         batch, length, device = self.batch_and_length(kwargs)
         # with gradients on and no cache from the caller (training), a cache that only reads, so that a layer
         # recomputed for activation checkpointing does not append its keys twice (see _prefix_cache)
-        read_only = cache is None and torch.is_grad_enabled()
+        # and when the caller asked for none: generate(use_cache=False) passes the returned cache back with the
+        # whole sequence again, which must not meet its own keys twice
+        read_only = cache is None and (torch.is_grad_enabled() or kwargs.get("use_cache") is False)
         # an empty cache (training, or the first step of generate) gets the prefix; a filled one has it
         prefilled = self.cache_length(cache) == 0
         if prefilled:
