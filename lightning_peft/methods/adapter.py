@@ -96,6 +96,8 @@ def block_of(name: str) -> str:
 class BottleneckAdapterLayer(PEFTLayer):
     """A frozen projection followed by a trainable residual bottleneck MLP (see the module docstring)."""
 
+    routes_rows = True
+
     def __init__(self, base_layer: nn.Module, bottleneck_size: int, activation: str) -> None:
         super().__init__()
         features = output_features(base_layer)
@@ -126,8 +128,19 @@ class BottleneckAdapterLayer(PEFTLayer):
         return self.adapter_up(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.routed_rows(x)
+        if rows is not None:
+            return self.mixed_forward(x, rows)
         h = self.base_layer(x)  # (..., d)
         return h + self.adapter_delta(h).to(h.dtype)
+
+    def mixed_output(self, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """h_i += W_up · act(W_down · h_i + b_down) + b_up for this adapter's rows i."""
+        delta = self.adapter_delta(result.index_select(0, rows)).to(result.dtype)  # (n, ..., d)
+        if is_linear_like(innermost(self.base_layer)):
+            return result.index_add_(0, rows, delta)  # a fresh linear output: add in place
+        # any other projection might hand back a tensor it also keeps elsewhere: add out of place
+        return result.index_add(0, rows, delta)  # (batch, ..., d)
 
     def unload(self) -> nn.Module:
         return self.base_layer
