@@ -138,9 +138,9 @@ class BottleneckAdapterLayer(PEFTLayer):
         """h_i += W_up · act(W_down · h_i + b_down) + b_up for this adapter's rows i."""
         delta = self.adapter_delta(result.index_select(0, rows)).to(result.dtype)  # (n, ..., d)
         if is_linear_like(innermost(self.base_layer)):
-            return result.index_add_(0, rows, delta)  # a fresh linear output: add in place
+            return result.index_put_((rows,), delta, accumulate=True)  # a fresh linear output: add in place
         # any other projection might hand back a tensor it also keeps elsewhere: add out of place
-        return result.index_add(0, rows, delta)  # (batch, ..., d)
+        return result.index_put((rows,), delta, accumulate=True)  # (batch, ..., d)
 
     def unload(self) -> nn.Module:
         return self.base_layer

@@ -152,7 +152,9 @@ class LoRALinear(PEFTLayer):
         """y_i += s · B A x_i (+ s · b_B) for the rows i of this adapter: one gather, two rank-r matmuls, one
         scatter-add into the base output."""
         delta = self.lora_forward(x.index_select(0, rows))  # (n, ..., out)
-        return result.index_add_(0, rows, delta.to(result.dtype))  # (batch, ..., out); a fresh linear output
+        # into the fresh linear output in place; index_put_ rather than index_add_, which runs a parallel region
+        # per call on CPU (slow for small row groups on a busy machine)
+        return result.index_put_((rows,), delta.to(result.dtype), accumulate=True)  # (batch, ..., out)
 
     def _base_weight_update(self, delta: torch.Tensor, sign: float) -> None:
         weight = self.base_layer.weight
