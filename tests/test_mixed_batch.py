@@ -225,3 +225,25 @@ def test_adapters_that_change_base_tensors_cannot_be_mixed(method: Any) -> None:
         torch.testing.assert_close(
             model(**batch, adapter_names=["default"] * 2).logits, model(**batch).logits
         )
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5), (4, 300, 200)], ids=["serial", "parallel"])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_adding_to_rows_on_both_sides_of_the_serial_threshold(shape: tuple[int, ...], in_place: bool) -> None:
+    from lightning_peft.methods.base import SERIAL_SCATTER_NUMEL, add_to_rows
+
+    result = torch.randn(shape)
+    delta = torch.randn(2, *shape[1:], requires_grad=True)
+    assert (delta.numel() < SERIAL_SCATTER_NUMEL) == (shape[1] == 3)
+    expected = result.clone()
+    expected[2] += delta[0].detach()
+    expected[0] += delta[1].detach()
+    before = result.clone()
+    out = add_to_rows(result, torch.tensor([2, 0]), delta, in_place=in_place)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert (out.data_ptr() == result.data_ptr()) == in_place
+    if not in_place:
+        assert torch.equal(result, before)
+    weights = torch.randn(shape)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(delta.grad, weights[[2, 0]], atol=0, rtol=0)

@@ -34,6 +34,7 @@ from lightning_peft.methods.base import (
     PEFTMethod,
     ZeroLinear,
     _as_str_list,
+    add_to_rows,
     check_choice,
     check_positive_int,
 )
@@ -137,10 +138,9 @@ class BottleneckAdapterLayer(PEFTLayer):
     def mixed_output(self, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """h_i += W_up · act(W_down · h_i + b_down) + b_up for this adapter's rows i."""
         delta = self.adapter_delta(result.index_select(0, rows)).to(result.dtype)  # (n, ..., d)
-        if is_linear_like(innermost(self.base_layer)):
-            return result.index_put_((rows,), delta, accumulate=True)  # a fresh linear output: add in place
-        # any other projection might hand back a tensor it also keeps elsewhere: add out of place
-        return result.index_put((rows,), delta, accumulate=True)  # (batch, ..., d)
+        # a fresh linear output takes the add in place; any other projection might hand back a tensor it also
+        # keeps elsewhere
+        return add_to_rows(result, rows, delta, in_place=is_linear_like(innermost(self.base_layer)))
 
     def unload(self) -> nn.Module:
         return self.base_layer

@@ -191,6 +191,22 @@ class PEFTLayer(nn.Module):
         raise TypeError(f"{type(self).__name__} cannot be unloaded from the model")
 
 
+#: below this many elements a row scatter-add runs serially (``index_put_``): ``index_add_`` opens a parallel
+#: region per call (about 20 µs, far more on a busy machine), ``index_put_(accumulate=True)`` is serial and
+#: slow for large slices; torch's own parallel grain size
+SERIAL_SCATTER_NUMEL = 32768
+
+
+def add_to_rows(
+    result: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, in_place: bool = True
+) -> torch.Tensor:
+    """``result[rows[j]] += delta[j]`` along dim 0 (``rows`` unique), in place unless ``in_place=False``."""
+    if delta.numel() < SERIAL_SCATTER_NUMEL:
+        put = result.index_put_ if in_place else result.index_put
+        return put((rows,), delta, accumulate=True)
+    return result.index_add_(0, rows, delta) if in_place else result.index_add(0, rows, delta)
+
+
 def kaiming_uniform_(tensor: torch.Tensor, fan_in: int) -> None:
     """``torch.nn.init.kaiming_uniform_(tensor, a=√5)`` (nn.Linear's default) written with tensor methods:
     ``Trainer.init_module(empty_init=True)`` turns ``torch.nn.init`` into no-ops, but a new adapter is never

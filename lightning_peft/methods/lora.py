@@ -26,6 +26,7 @@ from lightning_peft.methods.base import (
     PEFTLayer,
     PEFTMethod,
     _as_str_list,
+    add_to_rows,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -152,9 +153,7 @@ class LoRALinear(PEFTLayer):
         """y_i += s · B A x_i (+ s · b_B) for the rows i of this adapter: one gather, two rank-r matmuls, one
         scatter-add into the base output."""
         delta = self.lora_forward(x.index_select(0, rows))  # (n, ..., out)
-        # into the fresh linear output in place; index_put_ rather than index_add_, which runs a parallel region
-        # per call on CPU (slow for small row groups on a busy machine)
-        return result.index_put_((rows,), delta.to(result.dtype), accumulate=True)  # (batch, ..., out)
+        return add_to_rows(result, rows, delta.to(result.dtype))  # (batch, ..., out); a fresh linear output
 
     def _base_weight_update(self, delta: torch.Tensor, sign: float) -> None:
         weight = self.base_layer.weight
