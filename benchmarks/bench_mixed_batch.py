@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--skip-forward", action="store_true", help="only the generate() comparison")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per sample")
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser.parse_args(argv)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"environment: {env}", flush=True)
     base = common.load_minilm().eval()
     rows: list[tuple[str, dict[str, float]]] = []
-    for count in args.adapters:
+    for count in [] if args.skip_forward else args.adapters:
         for batch in args.batches:
             label = f"MiniLM, {count} adapters, batch {batch}×{args.seq}"
             rows.append((label, timed(forward_steps(base, count, batch, args), args)))

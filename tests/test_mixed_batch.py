@@ -247,3 +247,27 @@ def test_adding_to_rows_on_both_sides_of_the_serial_threshold(shape: tuple[int, 
     weights = torch.randn(shape)
     (out * weights).sum().backward()
     torch.testing.assert_close(delta.grad, weights[[2, 0]], atol=0, rtol=0)
+
+
+def test_a_mixed_lora_batch_equals_hf_peft_s() -> None:
+    """The oracle: HF PEFT holding the same two LoRA adapters computes the same mixed batch."""
+    import peft
+
+    model = tiny_bert()
+    add_adapter(model, LoRA(r=2, alpha=4.0, target_modules=["query", "value"]), "a")
+    add_adapter(model, LoRA(r=4, alpha=8.0, target_modules=["query"]), "b")
+    perturb(model)
+    theirs = peft.get_peft_model(
+        tiny_bert(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]), adapter_name="a"
+    )
+    theirs.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"]))
+    theirs.eval()  # HF PEFT refuses adapter_names in training mode
+    with torch.no_grad():
+        for path, layer in peft_layers(model):
+            target = theirs.base_model.model.get_submodule(path.replace(".base_layer", ""))
+            target.lora_A[layer.adapter_name].weight.copy_(layer.lora_A)
+            target.lora_B[layer.adapter_name].weight.copy_(layer.lora_B)
+        batch = batch_for("bert", size=5)
+        names = ["b", "__base__", "a", "b", "a"]
+        ours = model(**batch, adapter_names=names).logits
+        torch.testing.assert_close(ours, theirs(**batch, adapter_names=names).logits, atol=1e-6, rtol=1e-6)
