@@ -6,7 +6,8 @@
    (the same call). Reported: median CPU time per call, mixed ÷ single for both libraries, and lightning-peft
    mixed ÷ HF PEFT mixed (the per-round paired ratio alongside).
 2. ``generate()`` on a small random Llama with 8 LoRA adapters (r = 8 on q_proj and v_proj), greedy: single vs
-   mixed, both libraries.
+   mixed, both libraries; and a one-token forward on the same models (a decoding step's layer work, short
+   enough for many rounds, which a shared machine needs).
 
 Every variant of one configuration runs in interleaved rounds (A B C D, B C D A, ...), so load drift on a
 shared machine hits them alike. HF PEFT is the point of comparison only; the library never imports it.
@@ -43,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--skip-forward", action="store_true", help="only the generate() comparison")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per sample")
+    parser.add_argument(
+        "--step-repeats",
+        type=int,
+        default=150,
+        help="rounds of the one-token forward (a decoding step's work)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser.parse_args(argv)
 
@@ -155,6 +162,28 @@ def small_llama() -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+def decode_steps(count: int, batch: int) -> dict[str, Callable[[], None]]:
+    """One-token forward passes (the layer work of one decoding step, without the cache) on the same Llama."""
+    base = small_llama()
+    ids = torch.randint(10, 8000, (batch, 1), generator=torch.Generator().manual_seed(0))
+    names = [f"a{i % count}" for i in range(batch)]
+    mine = ours(base, count, "llama")
+    models = {"lightning-peft": mine, "peft": theirs(base, count, "llama", mine)}
+
+    def step(model: nn.Module, **extra: Any) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                model(input_ids=ids, **extra)
+
+        return run
+
+    steps = {}
+    for lib, model in models.items():
+        steps[f"{lib} single"] = step(model)
+        steps[f"{lib} mixed"] = step(model, adapter_names=names)
+    return steps
+
+
 def generate_steps(count: int, batch: int, args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     base = small_llama()
     ids = torch.randint(10, 8000, (batch, 32), generator=torch.Generator().manual_seed(0))
@@ -209,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_generate:
         label = f"Llama generate, 8 adapters, batch 8, {args.new_tokens} new tokens"
         rows.append((label, timed(generate_steps(8, 8, args), args)))
+        label = f"Llama one-token forward, 8 adapters, batch 8 ({args.step_repeats} rounds)"
+        step_args = argparse.Namespace(**{**vars(args), "repeats": args.step_repeats, "warmup": 5})
+        rows.append((label, timed(decode_steps(8, 8), step_args)))
     print(
         f"\nmedian CPU time per call over {args.repeats} interleaved rounds; (paired): median of per-round ratios"
     )
