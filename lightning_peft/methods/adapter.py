@@ -43,6 +43,7 @@ from lightning_peft.methods.base import (
     PEFTMethod,
     ZeroLinear,
     _as_str_list,
+    add_to_rows,
     check_choice,
     check_positive_int,
 )
@@ -96,6 +97,8 @@ def block_of(name: str) -> str:
 class BottleneckAdapterLayer(PEFTLayer):
     """A frozen projection followed by a trainable residual bottleneck MLP (see the module docstring)."""
 
+    routes_rows = True
+
     def __init__(self, base_layer: nn.Module, bottleneck_size: int, activation: str) -> None:
         super().__init__()
         features = output_features(base_layer)
@@ -126,8 +129,18 @@ class BottleneckAdapterLayer(PEFTLayer):
         return self.adapter_up(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.routed_rows(x)
+        if rows is not None:
+            return self.mixed_forward(x, rows)
         h = self.base_layer(x)  # (..., d)
         return h + self.adapter_delta(h).to(h.dtype)
+
+    def mixed_output(self, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """h_i += W_up · act(W_down · h_i + b_down) + b_up for this adapter's rows i."""
+        delta = self.adapter_delta(result.index_select(0, rows)).to(result.dtype)  # (n, ..., d)
+        # a fresh linear output takes the add in place; any other projection might hand back a tensor it also
+        # keeps elsewhere
+        return add_to_rows(result, rows, delta, in_place=is_linear_like(innermost(self.base_layer)))
 
     def unload(self) -> nn.Module:
         return self.base_layer

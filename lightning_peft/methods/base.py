@@ -22,7 +22,7 @@ from abc import ABC
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -30,8 +30,22 @@ from torch import nn
 from lightning_peft.core.record import DEFAULT_ADAPTER_NAME
 from lightning_peft.core.targeting import ModuleTargets
 
-#: per-sample adapter names of the forward pass in progress (``model(..., adapter_names=[...])``), or None
-ADAPTER_ROUTING: ContextVar[list[str] | None] = ContextVar("lightning_peft_adapter_routing", default=None)
+
+class MixedBatchRouting(Protocol):
+    """Per-sample adapters of the forward pass or ``generate`` in progress (``adapter_names=[...]``); built by
+    :mod:`lightning_peft.ops.mixed_batch`, read by every :class:`PEFTLayer` call."""
+
+    def call(self, layer: PEFTLayer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run ``layer`` on the mixed batch."""
+
+    def rows(self, adapter_name: str, batch: int, device: torch.device) -> torch.Tensor:
+        """Indices (int64, on ``device``) of the rows of a ``batch``-row input that use ``adapter_name``."""
+
+
+#: the routing of the mixed batch in progress (``model(..., adapter_names=[...])``), or None
+ADAPTER_ROUTING: ContextVar[MixedBatchRouting | None] = ContextVar(
+    "lightning_peft_adapter_routing", default=None
+)
 #: attributes of the wrapped layer that a wrapper exposes as its own: transformers code reads them on the module
 #: it holds (T5's feed-forward reads ``self.wo.weight.dtype``, other models ``.bias``, ``.in_features``)
 WRAPPED_ATTRIBUTES = frozenset({"weight", "bias", "in_features", "out_features", "dtype", "device"})
@@ -56,6 +70,9 @@ class PEFTLayer(nn.Module):
     #: whether one batch may mix samples that use this layer's adapter with samples that do not
     #: (``adapter_names=`` on the model's forward); false for layers that change the sequence length
     supports_mixed_batch: ClassVar[bool] = True
+    #: whether ``forward`` computes a mixed batch with one pass of the wrapped module (:meth:`mixed_forward`);
+    #: other layers run the wrapped module once more for the rows of their adapter
+    routes_rows: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,30 +91,35 @@ class PEFTLayer(nn.Module):
             if self.active or self.merged:
                 return super().__call__(*args, **kwargs)
             return self.base_layer(*args, **kwargs)  # a switched-off adapter: the wrapped module alone
-        return self._routed_call(routing, args, kwargs)
+        # a mixed batch (``adapter_names=``): lightning_peft.ops.mixed_batch decides what runs on which rows
+        return routing.call(self, args, kwargs)
 
-    def _routed_call(self, routing: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """One batch, several adapters: sample ``i`` goes through this adapter only if ``routing[i]`` names it."""
-        if self.merged:
-            raise RuntimeError(
-                f"adapter_names=... needs unmerged adapters, but {self.adapter_name!r} is merged into the base "
-                "weights; call unmerge_adapter(model) first"
-            )
-        base = self.base_layer(*args, **kwargs)  # (batch, ...)
-        if self.adapter_name not in routing:
-            return base
-        if not self.supports_mixed_batch:
-            raise ValueError(
-                f"adapter_names=...: {type(self).__name__} (adapter {self.adapter_name!r}) changes the sequence "
-                "length, so it cannot share a batch with samples that do not use it"
-            )
-        adapted = super().__call__(*args, **kwargs)  # (batch, ...)
-        if adapted.shape[0] != len(routing):
-            raise ValueError(
-                f"adapter_names has {len(routing)} entries but the batch has {adapted.shape[0]} samples"
-            )
-        use = torch.tensor([name == self.adapter_name for name in routing], device=adapted.device)
-        return torch.where(use.view(-1, *([1] * (adapted.dim() - 1))), adapted, base)
+    # -- mixed batches: one base pass, each adapter on its own rows ----------------------------------------
+    def routed_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Inside a mixed batch, the indices of the rows of ``x`` (dim 0) that this layer's adapter serves;
+        ``None`` outside one, and when the adapter serves every row (the plain ``forward`` is then exact)."""
+        routing = ADAPTER_ROUTING.get()
+        if routing is None:
+            return None
+        rows = routing.rows(self.adapter_name, x.shape[0], x.device)
+        return None if rows.numel() == x.shape[0] else rows
+
+    def mixed_forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The layer on a mixed batch: the wrapped module runs once on every row, the adapter only on ``rows``:
+
+            y = base(x'),  x'_i = adapted input of row i if i ∈ rows else x_i;  then y_i ← adapted y_i for i ∈ rows
+
+        so each row gets exactly what it would get in a batch of its own adapter."""
+        result = self.base_layer(self.mixed_input(x, rows))  # (batch, ..., out)
+        return self.mixed_output(x, result, rows)  # (batch, ..., out)
+
+    def mixed_input(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``x`` with the adapter's change of its own rows' input (default: none)."""
+        return x
+
+    def mixed_output(self, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``result`` (the wrapped module's output for every row) with the adapter applied to ``rows``."""
+        raise NotImplementedError(f"{type(self).__name__} does not compute mixed batches row by row")
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -165,6 +187,22 @@ class PEFTLayer(nn.Module):
         ``None`` means "remove this layer" (used by layers that are extra children, not wrappers).
         """
         raise TypeError(f"{type(self).__name__} cannot be unloaded from the model")
+
+
+#: below this many elements a row scatter-add runs serially (``index_put_``): ``index_add_`` opens a parallel
+#: region per call (about 20 µs, far more on a busy machine), ``index_put_(accumulate=True)`` is serial and
+#: slow for large slices; torch's own parallel grain size
+SERIAL_SCATTER_NUMEL = 32768
+
+
+def add_to_rows(
+    result: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, in_place: bool = True
+) -> torch.Tensor:
+    """``result[rows[j]] += delta[j]`` along dim 0 (``rows`` unique), in place unless ``in_place=False``."""
+    if delta.numel() < SERIAL_SCATTER_NUMEL:
+        put = result.index_put_ if in_place else result.index_put
+        return put((rows,), delta, accumulate=True)
+    return result.index_add_(0, rows, delta) if in_place else result.index_add(0, rows, delta)
 
 
 def kaiming_uniform_(tensor: torch.Tensor, fan_in: int) -> None:

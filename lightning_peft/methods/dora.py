@@ -95,9 +95,22 @@ class DoRALinear(LoRALinear):
         return norm.to(self.lora_magnitude_vector.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.routed_rows(x)
+        if rows is not None:
+            return self.mixed_forward(x, rows)
         result = self.base_layer(x)  # (..., out) = W x + b
         if self.merged:
             return result
+        return self.dora_output(x, result)
+
+    def mixed_output(self, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """y_i ← (m / n) ⊙ (W x_i + s·B A x_i) + b for the rows i of this adapter only: the magnitude scales
+        its own rows, the other rows keep the base output."""
+        own = self.dora_output(x.index_select(0, rows), result.index_select(0, rows))  # (n, ..., out)
+        return result.index_copy_(0, rows, own)  # (batch, ..., out)
+
+    def dora_output(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The DoRA output from the input ``x`` (..., in) and the base output ``result`` = W x + b (..., out)."""
         scale = (self.lora_magnitude_vector / self.weight_norm()).to(result.dtype)  # (out,)
         dropped = self.lora_dropout(x)  # (..., in)
         lora = F.linear(F.linear(dropped.to(self.lora_A.dtype), self.lora_A), self.lora_B)  # (..., out)

@@ -42,6 +42,7 @@ class IA3Layer(PEFTLayer):
     learned vector ``ia3_l``."""
 
     mergeable = True
+    routes_rows = True
     peft_names: ClassVar[dict[str, str]] = {"ia3_l": "ia3_l"}
 
     def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
@@ -67,6 +68,9 @@ class IA3Layer(PEFTLayer):
                 self.ia3_l.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.routed_rows(x)
+        if rows is not None:
+            return self.mixed_forward(x, rows)
         if self.merged:
             return self.base_layer(x)
         scale = self.ia3_l.view(-1)  # (in,) or (out,)
@@ -74,6 +78,20 @@ class IA3Layer(PEFTLayer):
             return self.base_layer(x * scale.to(x.dtype))  # (..., in) -> (..., out)
         result = self.base_layer(x)  # (..., out)
         return result * scale.to(result.dtype)
+
+    def mixed_input(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Feed-forward targets: x_i ← l ⊙ x_i for this adapter's rows (a copy; the caller's ``x`` stays)."""
+        if not self.is_feedforward:
+            return x
+        own = x.index_select(0, rows) * self.ia3_l.view(-1).to(x.dtype)  # (n, ..., in)
+        return x.index_copy(0, rows, own)  # (batch, ..., in)
+
+    def mixed_output(self, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Attention targets: y_i ← l ⊙ y_i for this adapter's rows (feed-forward targets scaled the input)."""
+        if self.is_feedforward:
+            return result
+        own = result.index_select(0, rows) * self.ia3_l.view(-1).to(result.dtype)  # (n, ..., out)
+        return result.index_copy_(0, rows, own)  # (batch, ..., out)
 
     def _weight_factor(self) -> torch.Tensor:
         """``ia3_l`` shaped to multiply the base weight as it is stored."""

@@ -36,6 +36,7 @@ from lightning_peft.methods.base import (
     PEFTLayer,
     PEFTMethod,
     _as_str_list,
+    add_to_rows,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -68,6 +69,7 @@ class LoRALinear(PEFTLayer):
     """A frozen linear (or GPT-2 Conv1D) layer plus a trainable low-rank update."""
 
     mergeable = True
+    routes_rows = True
     #: keys of these tensors in HF PEFT's adapter_model.safetensors
     peft_names: ClassVar[dict[str, str]] = {
         "lora_A": "lora_A.weight",
@@ -132,6 +134,9 @@ class LoRALinear(PEFTLayer):
         return out if self.lora_B_bias is None else out + self.scaling * self.lora_B_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.routed_rows(x)
+        if rows is not None:
+            return self.mixed_forward(x, rows)
         result = self.base_layer(x)  # (..., out)
         if self.merged:
             return result
@@ -142,6 +147,12 @@ class LoRALinear(PEFTLayer):
         # separate add pass over the output, forward or backward
         flat = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, self.r), self.lora_B.t())
         return flat.view(result.shape)  # (..., out)
+
+    def mixed_output(self, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """y_i += s · B A x_i (+ s · b_B) for the rows i of this adapter: one gather, two rank-r matmuls, one
+        scatter-add into the base output."""
+        delta = self.lora_forward(x.index_select(0, rows))  # (n, ..., out)
+        return add_to_rows(result, rows, delta.to(result.dtype))  # (batch, ..., out); a fresh linear output
 
     def _base_weight_update(self, delta: torch.Tensor, sign: float) -> None:
         weight = self.base_layer.weight
