@@ -17,6 +17,7 @@ from lightning_peft.adapters import add_adapter, delete_adapter, list_adapters, 
 from lightning_peft.atomic import replace_folder
 from lightning_peft.consistency import methods_from
 from lightning_peft.distributed.strategies import check_saveable, is_global_zero
+from lightning_peft.files import adapterhub
 from lightning_peft.fingerprint import check_base, fingerprint_record
 from lightning_peft.hf import AmbiguousBaseModelError, base_prefix, config_value, name_or_path, task_type_of
 from lightning_peft.hf import base_model as find_base_model
@@ -231,7 +232,7 @@ def load_adapter(
         add_adapter(model, adapter.methods, adapter_name)
     try:
         with only_adapter(model, adapter_name):
-            state = _model_state(model, adapter)
+            state = _model_state(model, adapter)  # AdapterHub's folders: lightning_peft/files/adapterhub
             check_adapter_state(model, state, tensor_file)
             file_keys = file_key_map(model) if adapter.key_format == "peft" else {}
             check_dtypes(model, state, file_keys, tensor_file)
@@ -253,6 +254,8 @@ def _tensor_file(adapter: AdapterFile) -> str:
 
 def _model_state(model: nn.Module, adapter: AdapterFile) -> dict[str, torch.Tensor]:
     """The file's tensors keyed by ``model``'s adapter tensor names; raises on an unexpected or missing one."""
+    if adapter.key_format == "adapterhub":
+        return adapterhub.model_tensors(model, adapter.tensors, adapter.source)
     if adapter.key_format == "peft":
         expected = file_key_map(model)  # model name -> file key
     else:

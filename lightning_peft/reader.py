@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from lightning_peft.atomic import recover
 from lightning_peft.consistency import methods_from, read_json, reconcile
+from lightning_peft.files import adapterhub
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.methods.peft_interop import unsupported_peft_type
 from lightning_peft.methods.registry import _REGISTRY
@@ -43,7 +44,7 @@ class AdapterFile:
     #: the adapter's tensors: keyed as in HF PEFT's ``adapter_model.safetensors`` (``key_format="peft"``) or as
     #: in the saving module's ``state_dict()`` (``key_format="state_dict"``, adapter-only checkpoints)
     tensors: dict[str, torch.Tensor]
-    key_format: Literal["peft", "state_dict"]
+    key_format: Literal["peft", "state_dict", "adapterhub"]
     #: prefix of the base transformers model in the module that saved the tensors (``state_dict`` keys);
     #: ``None`` when the file does not say
     base_prefix: str | None = None
@@ -99,6 +100,8 @@ def read_meta(path: PathLike) -> dict[str, Any] | None:
 
 
 def _read_folder(folder: Path) -> AdapterFile:
+    if _is_adapterhub(folder):
+        return _read_adapterhub(folder)
     weights_file = folder / ADAPTER_WEIGHTS
     methods = _folder_methods(folder)  # an unknown method fails before the weights are read
     if not weights_file.is_file():
@@ -142,6 +145,8 @@ def _folder_methods(folder: Path) -> list[PEFTMethod]:
     config_file = folder / ADAPTER_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"path={str(folder)!r} holds no {ADAPTER_CONFIG}")
+    if _is_adapterhub(folder):
+        return _read_adapterhub(folder).methods
     config = read_json(config_file)
     meta = _header_meta(folder / ADAPTER_WEIGHTS)
     if CHECKPOINT_KEY in config:
@@ -151,6 +156,36 @@ def _folder_methods(folder: Path) -> list[PEFTMethod]:
     if described is None and meta is None:
         raise unsupported_peft_type(config, str(config_file))
     return reconcile(config, None if described is None else [described], meta, config_file)
+
+
+def _is_adapterhub(folder: Path) -> bool:
+    """AdapterHub's layout (``adapter_config.json`` with ``"config"`` + ``pytorch_adapter.bin``)."""
+    config_file = folder / ADAPTER_CONFIG
+    return config_file.is_file() and adapterhub.is_adapterhub_config(read_json(config_file))
+
+
+def _read_adapterhub(folder: Path) -> AdapterFile:
+    """An AdapterHub folder: its ``.bin`` read without unpickling, mapped to methods and tensors
+    (:mod:`lightning_peft.files.adapterhub`)."""
+    weights_file = adapterhub.weights_file(folder)
+    if weights_file is None:
+        raise FileNotFoundError(f"path={str(folder)!r} holds no {' or '.join(adapterhub.WEIGHTS_FILES)}")
+    tensors = (
+        _load_tensors(weights_file) if weights_file.suffix == ".safetensors" else _load_bin(weights_file)
+    )
+    methods, converted = adapterhub.methods_and_tensors(
+        read_json(folder / ADAPTER_CONFIG), tensors, str(weights_file)
+    )
+    return AdapterFile(source=str(weights_file), methods=methods, tensors=converted, key_format="adapterhub")
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save`` file of tensors, read with ``weights_only=True``: a pickled object is refused, never built."""
+    with refusing_pickles(path):
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
+    return dict(data)
 
 
 def _header_meta(weights_file: Path) -> str | None:

@@ -28,6 +28,13 @@ from torch import nn
 
 from lightning_peft.hf import model_description, model_type_of
 from lightning_peft.hf_targets import ADAPTER_PLACEMENT
+from lightning_peft.methods.adapter_block import (
+    BLOCK_PARTS,
+    RESIDUAL_CHOICES,
+    BlockAdapterLayer,
+    BlockLayout,
+    is_output_block,
+)
 from lightning_peft.methods.base import (
     AdapterLinear,
     PEFTLayer,
@@ -168,10 +175,43 @@ class Adapter(PEFTMethod):
     False for "pfeiffer"."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter, e.g. ["classifier"] for a new head."""
+    original_ln_before: bool = False
+    """Pfeiffer's layout (AdapterHub's seq_bn): the adapter reads the sub-layer's output after its residual add
+    and LayerNorm. This and the options below put the adapter inside the block LN(dropout(dense(x)) + r)
+    (post-LayerNorm models such as BERT: the parent of each target must have dense, dropout and LayerNorm);
+    formulas in lightning_peft/methods/adapter_block.py."""
+    residual_before_ln: bool | str = True
+    """The adapter's own residual with original_ln_before: True (the sub-layer output before the residual
+    add), "post_add" (after the add, before the LayerNorm) or False (after the LayerNorm)."""
+    parallel: bool = False
+    """Parallel adapter (He et al. 2022): the adapter reads the sub-layer's input and its output is added to
+    the sub-layer's output, LN(h + A(r) + r)."""
+    scaling: float = 1.0
+    """Factor s on the adapter's output, s · W_up act(W_down h) (4.0 in AdapterHub's par_bn)."""
+    ln_before: bool = False
+    """A trained LayerNorm on the adapter's input."""
+    ln_after: bool = False
+    """A trained LayerNorm on the adapter's output."""
+    adapter_residual_before_ln: bool = False
+    """With ln_after: add the adapter's residual before that LayerNorm instead of after it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self.placement, "placement", PLACEMENTS)
+        if self.residual_before_ln not in RESIDUAL_CHOICES:
+            raise ValueError(
+                f"residual_before_ln must be True, False or 'post_add', got {self.residual_before_ln!r}"
+            )
+        if self.residual_before_ln == "post_add" and not self.original_ln_before:
+            raise ValueError(
+                "residual_before_ln='post_add' needs original_ln_before=True (there is no add before)"
+            )
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+            raise ValueError(f"scaling must be a number, got {self.scaling!r}")
+        if self.parallel and self.original_ln_before:
+            raise ValueError(
+                "parallel=True reads the sub-layer's input: it cannot also have original_ln_before=True"
+            )
         check_choice(self.activation, "activation", tuple(ACTIVATIONS))
         if self.bottleneck_size is not None:
             check_positive_int(self.bottleneck_size, "bottleneck_size")
@@ -192,6 +232,20 @@ class Adapter(PEFTMethod):
             self.exclude_modules = _as_str_list(self.exclude_modules, "exclude_modules")
 
     # -- resolved settings ----------------------------------------------------------------------------------
+    @property
+    def layout(self) -> BlockLayout | None:
+        """The block layout, or ``None`` for the plain adapter on the projection's output."""
+        layout = BlockLayout(
+            self.original_ln_before,
+            self.residual_before_ln,
+            self.parallel,
+            float(self.scaling),
+            self.ln_before,
+            self.ln_after,
+            self.adapter_residual_before_ln,
+        )
+        return None if layout == BlockLayout() else layout
+
     @property
     def layernorms_trained(self) -> bool:
         return self.placement == "houlsby" if self.train_layernorms is None else self.train_layernorms
@@ -234,13 +288,29 @@ class Adapter(PEFTMethod):
                     f"for {name!r}, whose output has {features} features; use a reduction_factor <= {features} "
                     "or set bottleneck_size"
                 )
+        if self.layout is not None:
+            for name in targets:
+                parent, _, child = name.rpartition(".")
+                block = model.get_submodule(parent) if parent else model
+                if child != "dense" or not is_output_block(block):
+                    raise ValueError(
+                        f"Adapter(original_ln_before/parallel/scaling/ln_before/ln_after...): these place the adapter "
+                        f"inside the output block LN(dropout(dense(x)) + r), so each target must be the dense child "
+                        f"of a module with {', '.join(BLOCK_PARTS)} (BERT, RoBERTa); {name!r} in "
+                        f"{model_description(model)} is not"
+                    )
         return targets
 
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
+        layout, act = self.layout, ACTIVATIONS[self.activation]
         for name in targets:
             features = output_features(innermost(model.get_submodule(name)))
             assert features is not None
             size = self.bottleneck_for(features)
+            if layout is not None:  # the adapter goes around the parent output block
+                make = lambda base, size=size: BlockAdapterLayer(base, size, act(), layout)  # noqa: E731
+                wrap_target(model, name.rpartition(".")[0], make)
+                continue
             wrap_target(model, name, lambda base, size=size: self.layer_class(base, size, self.activation))
         if not self.layernorms_trained:
             return

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lightning_peft.methods import _prefix_cache
 from lightning_peft.methods._prefix_cache import has_hooks, install_hooks, make_read_only, remove_hooks
 from lightning_peft.methods._prefix_interface import InterfacePrefix, uses_attention_interface
 from lightning_peft.methods._prefix_seq2seq import (
@@ -100,6 +101,7 @@ class PrefixLayer(VirtualTokenLayer):
 
     peft_names: ClassVar[dict[str, str]] = {"prompt_embeddings": "prompt_embeddings"}
     shared_across_layers: ClassVar[bool] = True
+    shift_positions = True  # PrefixTuning.shift_positions
 
     def __init__(
         self,
@@ -210,8 +212,7 @@ class PrefixLayer(VirtualTokenLayer):
             # encoders size their mask from it, so make the all-ones mask explicit
             mask = torch.ones(batch, past - p + length, dtype=torch.long, device=device)
         kwargs["attention_mask"] = prepend_ones(mask, p)  # (B, P + past real + S)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + p
+        _prefix_cache.place_positions(kwargs, p, self.shift_positions, past - p, (batch, length), device)
         kwargs[self._cache_key] = cache
         self.layers_used = set()
         name = type(self.base_layer).__name__
@@ -285,12 +286,14 @@ class PrefixTuning(PEFTMethod):
     (HF PEFT has none there; they are saved as encoder_prompt_embeddings, which HF PEFT does not read)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter, e.g. ["classifier"] for a new head."""
+    shift_positions: bool = True
+    """Real tokens at positions P…P+S-1 behind the prefix (HF PEFT), or 0…S-1 if False (AdapterHub)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self.num_virtual_tokens, "num_virtual_tokens")
         check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
-        for argument in ("prefix_projection", "cross_attention_prefix", "encoder_prefix"):
+        for argument in ("prefix_projection", "cross_attention_prefix", "encoder_prefix", "shift_positions"):
             if not isinstance(getattr(self, argument), bool):
                 raise ValueError(f"{argument} must be true or false, got {getattr(self, argument)!r}")
 
@@ -345,6 +348,7 @@ class PrefixTuning(PEFTMethod):
             self.encoder_hidden_size,
             wraps_outer,
         )
+        layer.shift_positions = self.shift_positions
         if seq2seq:
             layer.cross_attention_prefix = self.cross_attention_prefix
         replace_module(model, name, layer)

@@ -1,0 +1,1 @@
+"""Adapter files: reading and writing the formats lightning-peft knows."""

@@ -1,0 +1,73 @@
+"""AdapterHub's adapter folders (the ``adapters`` library, https://adapterhub.ml), read by
+:func:`lightning_peft.load_adapter` and written by ``save_adapter(..., format="adapterhub")``.
+
+A folder holds ``adapter_config.json`` (the architecture under ``"config"``, plus ``model_class``,
+``model_type``, ``name``, ``hidden_size`` and ``version``) and ``pytorch_adapter.bin``, a ``torch.save``
+pickle, read here only through lightning-peft's pickle-free loader (``torch.load(weights_only=True)``), or
+``pytorch_adapter.safetensors``. Which configurations map to which methods: :mod:`.config`; tensor names:
+:mod:`.tensors`; the page docs/adapterhub.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_peft.files.adapterhub.config import AdapterHubOptionError, methods_from_config
+from lightning_peft.files.adapterhub.tensors import convert, model_state, sizes_of
+from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.model import state_dict_key, trainable_parameter_names
+
+__all__ = [
+    "AdapterHubOptionError",
+    "is_adapterhub_config",
+    "methods_and_tensors",
+    "model_tensors",
+    "weights_file",
+]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILES = ("pytorch_adapter.safetensors", "pytorch_adapter.bin")
+
+
+def is_adapterhub_config(config: Mapping[str, Any]) -> bool:
+    """Whether an ``adapter_config.json`` is AdapterHub's: the architecture under ``"config"`` and the
+    ``model_class``/``version`` keys that the ``adapters`` library writes."""
+    version = str(config.get("version", ""))
+    return isinstance(config.get("config"), (dict, str)) and (
+        "model_class" in config or version.startswith("adapters")
+    )
+
+
+def weights_file(folder: Path) -> Path | None:
+    """The folder's ``pytorch_adapter.safetensors`` (preferred) or ``pytorch_adapter.bin``, if any."""
+    return next((folder / n for n in WEIGHTS_FILES if (folder / n).is_file()), None)
+
+
+def methods_and_tensors(
+    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str
+) -> tuple[list[PEFTMethod], dict[str, torch.Tensor]]:
+    """The lightning-peft methods and tensors equivalent to an AdapterHub adapter (its ``adapter_config.json``
+    and the tensors of its weights file); raises :class:`AdapterHubOptionError` naming an unsupported option."""
+    architecture = config["config"]
+    if isinstance(architecture, str):
+        raise AdapterHubOptionError(
+            f"{source}: config={architecture!r} names a configuration instead of holding it"
+        )
+    name = str(config.get("name", ""))
+    methods = methods_from_config(
+        architecture, sizes_of(tensors, name, architecture), source, config.get("model_type")
+    )
+    return methods, convert(tensors, name, architecture, methods, source)
+
+
+def model_tensors(
+    model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """The converted tensors keyed by ``model``'s names for its active adapter's tensors."""
+    names: Sequence[str] = [state_dict_key(n) for n in trainable_parameter_names(model)]
+    return model_state(model, names, tensors, source)

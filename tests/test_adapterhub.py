@@ -1,0 +1,170 @@
+"""AdapterHub's adapter folders, against AdapterHub's own library (``adapters`` 1.3.0 on transformers 4.57.6).
+
+The oracle runs in its own venv (``.venv-adapterhub``, built by ``make test``): one subprocess per test
+session (tests/adapterhub_oracle.py) builds a tiny seeded BERT classifier, adds every configuration below with
+randomised weights (no adapter is an identity), saves it with ``save_adapter`` and writes its outputs on padded
+inputs. Here (transformers 5) the same base loads each folder with ``lightning_peft.load_adapter`` and must give
+the same logits and last hidden states to 1e-5, or refuse naming the option, leaving the model untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lightning_peft as lp
+from lightning_peft.files.adapterhub import AdapterHubOptionError
+from lightning_peft.io import read_adapter_config
+from lightning_peft.model import is_attached
+from lightning_peft.safe_load import UnsafeFileError
+
+ROOT = Path(__file__).resolve().parents[1]
+ORACLE_PYTHON = ROOT / ".venv-adapterhub" / "bin" / "python"
+ORACLE = Path(__file__).resolve().parent / "adapterhub_oracle.py"
+INPUT_IDS = [[2, 15, 27, 33, 8, 41, 3], [2, 9, 18, 3, 0, 0, 0], [2, 44, 5, 12, 30, 3, 0]]
+ATTENTION_MASK = [[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]]
+
+#: configurations that load with AdapterHub's outputs (AdapterHub's config strings)
+LOADS = {
+    "seq_bn": "seq_bn[reduction_factor=4]",
+    "double_seq_bn": "double_seq_bn[reduction_factor=4]",
+    "par_bn": "par_bn[reduction_factor=4]",
+    "scaled_par_bn": "scaled_par_bn[reduction_factor=4]",
+    "seq_bn_options": "seq_bn[reduction_factor=4,ln_before=True,ln_after=True,residual_before_ln=False,"
+    "non_linearity='gelu',leave_out=[1],mh_adapter=True]",
+    "seq_bn_post_add": "seq_bn[reduction_factor=8,residual_before_ln='post_add',adapter_residual_before_ln=True,"
+    "ln_after=True,scaling=0.5]",
+    "channel_scaled": "double_seq_bn[reduction_factor=4,scaling='channel']",
+    "lora": "lora[r=4,alpha=8,attn_matrices=['q','k','v'],intermediate_lora=True,output_lora=True,leave_out=[0]]",
+    "ia3": "ia3[alpha=2.0]",
+    "prefix_mlp": "prefix_tuning[prefix_length=5,bottleneck_size=16]",
+    "prefix_flat": "prefix_tuning_flat[prefix_length=4]",
+    "mam": "prefix_tuning[prefix_length=3,bottleneck_size=8]|par_bn[reduction_factor=8]",
+}
+#: configurations refused at load, and the option the error must name
+REFUSED = {
+    "prompt_tuning": ("prompt_tuning[prompt_length=3]", "architecture='prompt_tuning'"),
+    "seq_bn_inv": ("seq_bn_inv[reduction_factor=4]", "inv_adapter='nice'"),
+    "unipelt": ("unipelt", "use_gating=True"),
+    "compacter": ("compacter[reduction_factor=4]", "phm_layer=True"),
+    "ln_after_false": ("seq_bn[reduction_factor=4,original_ln_after=False]", "original_ln_after=False"),
+}
+
+
+@pytest.fixture(scope="session")
+def oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every AdapterHub folder of this module, written by one oracle process."""
+    if not ORACLE_PYTHON.is_file():
+        message = "AdapterHub's oracle venv is missing: run `make .venv-adapterhub` (make test builds it)"
+        if os.environ.get("CI") or os.environ.get("LIGHTNING_PEFT_REQUIRE_ORACLE"):
+            pytest.fail(message)
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("adapterhub")
+    cases = {**LOADS, **{name: config for name, (config, _) in REFUSED.items()}}
+    spec = {
+        "base": str(root / "base"),
+        "write": [
+            {"name": name, "config": config, "folder": str(root / name)} for name, config in cases.items()
+        ],
+        "errors": str(root / "errors.json"),
+    }
+    (root / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    done = subprocess.run(
+        [str(ORACLE_PYTHON), str(ORACLE), str(root / "spec.json")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads((root / "errors.json").read_text())
+    assert not errors, f"the oracle could not write: {errors}"
+    return root
+
+
+def base_model(root: Path) -> Any:
+    from transformers import BertForSequenceClassification
+
+    return BertForSequenceClassification.from_pretrained(str(root / "base")).eval()
+
+
+def outputs(model: Any) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(INPUT_IDS),
+            attention_mask=torch.tensor(ATTENTION_MASK),
+            output_hidden_states=True,
+        )
+    return {"logits": out.logits, "hidden": out.hidden_states[-1]}
+
+
+@pytest.mark.parametrize("case", sorted(LOADS))
+def test_adapterhub_folder_gives_adapterhubs_outputs(oracle: Path, case: str) -> None:
+    model = base_model(oracle)
+    before = outputs(model)
+    lp.load_adapter(model, oracle / case)
+    got, want = outputs(model), load_file(str(oracle / case / "outputs.safetensors"))
+    for key in ("logits", "hidden"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=f"{case}: {key}")
+    # the adapter changes the outputs, so the comparison above tests the adapter, not the base
+    assert (before["hidden"] - want["hidden"]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_unsupported_options_are_refused_naming_them(oracle: Path, case: str) -> None:
+    model = base_model(oracle)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterHubOptionError, match=REFUSED[case][1].replace("[", r"\[")):
+        lp.load_adapter(model, oracle / case)
+    assert not is_attached(model)
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_read_adapter_config_of_an_adapterhub_folder(oracle: Path) -> None:
+    methods = read_adapter_config(oracle / "seq_bn")
+    assert len(methods) == 1 and isinstance(methods[0], lp.Adapter)
+    assert methods[0].original_ln_before and methods[0].bottleneck_size == 8
+
+
+class _Payload:
+    """Unpickling this runs ``os.system`` (were the file ever unpickled)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_payload_in_pytorch_adapter_bin_never_runs(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder, marker = tmp_path / "evil", tmp_path / "ran"
+    folder.mkdir()
+    config = {
+        "config": {"architecture": "lora", "r": 2, "alpha": 2},
+        "model_class": "BertForSequenceClassification",
+    }
+    config.update({"model_type": "bert", "name": "evil", "hidden_size": 32, "version": "adapters.1.3.0"})
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with open(folder / "pytorch_adapter.bin", "wb") as file:
+        pickle.dump({"weights": _Payload(marker)}, file)
+    torch.save({"x": _Payload(marker)}, folder / "second.bin")  # the torch.save (zip) form too
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+        )
+    )
+    with pytest.raises(UnsafeFileError):
+        lp.load_adapter(model, folder)
+    (folder / "second.bin").replace(folder / "pytorch_adapter.bin")
+    with pytest.raises(UnsafeFileError):
+        lp.load_adapter(model, folder)
+    assert not marker.exists()
+    assert not is_attached(model)
