@@ -156,13 +156,19 @@ def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, path: PathLike, adapter_name: str | None = None, format: str = "lightning_peft"
+) -> Path:
     """Write adapters of ``model`` to the folder ``path`` in HF PEFT's layout: ``adapter_model.safetensors``
     holding only the adapter's tensors (and ``modules_to_save``), and ``adapter_config.json``. No pickle is
     involved. With ``adapter_name`` that adapter goes to ``path``; without, every loaded adapter is written,
     ``"default"`` (or the first) at ``path`` and each other one in the sub-folder ``path/<name>``.
 
+    ``format="adapterhub"`` writes AdapterHub's layout instead (lightning_peft/files/adapterhub).
+
     Collective under FSDP2 (it gathers sharded tensors): call it on every rank; rank 0 writes."""
+    if format not in ("lightning_peft", "adapterhub"):
+        raise ValueError(f"format must be 'lightning_peft' or 'adapterhub', got {format!r}")
     if not is_attached(model):
         raise ValueError(f"save_adapter: no PEFT method is attached to this {type(model).__name__}")
     check_saveable(model)
@@ -175,7 +181,10 @@ def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = No
         destinations = {root: folder, **{n: folder / n for n in names if n != root}}
     for name, destination in destinations.items():
         with only_adapter(model, name):
-            _save_one(model, destination)
+            if format == "adapterhub":
+                adapterhub.save_folder(model, destination, name)
+            else:
+                _save_one(model, destination)
     return folder
 
 

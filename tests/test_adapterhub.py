@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lightning_peft as lp
 from lightning_peft.files.adapterhub import AdapterHubOptionError
@@ -168,3 +168,114 @@ def test_a_payload_in_pytorch_adapter_bin_never_runs(tmp_path: Path) -> None:
         lp.load_adapter(model, folder)
     assert not marker.exists()
     assert not is_attached(model)
+
+
+#: lightning-peft adapters made here, saved in AdapterHub's layout and read by AdapterHub
+NATIVE = {
+    "native_adapter": lambda: [lp.Adapter(bottleneck_size=4, activation="gelu")],
+    "native_houlsby_block": lambda: [
+        lp.Adapter(placement="houlsby", train_layernorms=False, bottleneck_size=3, original_ln_before=True)
+    ],
+    "native_lora": lambda: [lp.LoRA(r=2, alpha=6.0, target_modules=["query", "key"])],
+    "native_ia3": lambda: [
+        lp.IA3(target_modules=["key", "value", "intermediate.dense"], feedforward_modules=[])
+    ],
+    "native_prefix_lora": lambda: [
+        lp.PrefixTuning(num_virtual_tokens=3, shift_positions=False),
+        lp.LoRA(r=2, target_modules=["value"]),
+    ],
+}
+
+
+def randomise(model: Any, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+
+
+@pytest.fixture(scope="session")
+def read_back(oracle: Path) -> Path:
+    """Every LOADS folder loaded here and saved back with format="adapterhub", and every NATIVE adapter saved
+    so; AdapterHub (one oracle process) loads each and writes its outputs to ``<folder>.out.safetensors``."""
+    root = oracle / "back"
+    root.mkdir(exist_ok=True)
+    cases = []
+    for case in LOADS:
+        model = base_model(oracle)
+        lp.load_adapter(model, oracle / case)
+        lp.save_adapter(model, root / case, format="adapterhub")
+        cases.append(case)
+    for i, (case, methods) in enumerate(NATIVE.items()):
+        model = base_model(oracle)
+        lp.apply_peft(model, methods())
+        randomise(model, seed=i)
+        save_file(
+            {k: v.contiguous() for k, v in outputs(model).items()}, str(root / f"{case}.ours.safetensors")
+        )
+        lp.save_adapter(model, root / case, format="adapterhub")
+        cases.append(case)
+    spec = {
+        "base": str(oracle / "base"),
+        "read": [{"folder": str(root / c), "output": str(root / f"{c}.out.safetensors")} for c in cases],
+        "errors": str(root / "errors.json"),
+    }
+    (root / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    done = subprocess.run(
+        [str(ORACLE_PYTHON), str(ORACLE), str(root / "spec.json")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("case", sorted(LOADS))
+def test_saved_back_in_adapterhubs_layout_adapterhub_gives_the_same_outputs(
+    read_back: Path, case: str
+) -> None:
+    got = load_file(str(read_back / f"{case}.out.safetensors"))
+    want = load_file(str(read_back.parent / case / "outputs.safetensors"))
+    for key in ("logits", "hidden"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=f"{case}: {key}")
+
+
+@pytest.mark.parametrize("case", sorted(NATIVE))
+def test_lightning_peft_adapters_load_in_adapterhub(read_back: Path, case: str) -> None:
+    got = load_file(str(read_back / f"{case}.out.safetensors"))
+    want = load_file(str(read_back / f"{case}.ours.safetensors"))
+    for key in ("logits", "hidden"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=f"{case}: {key}")
+    # and lightning-peft reads its own AdapterHub folder back to the same outputs
+    model = base_model(read_back.parent)
+    lp.load_adapter(model, read_back / case)
+    torch.testing.assert_close(outputs(model)["logits"], want["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("methods", "argument"),
+    [
+        (lambda: [lp.Adapter(placement="houlsby")], "train_layernorms=True"),
+        (
+            lambda: [lp.IA3(target_modules=["key", "output.dense"], feedforward_modules=["output.dense"])],
+            "feedforward",
+        ),
+        (lambda: [lp.PrefixTuning(num_virtual_tokens=2)], "shift_positions=True"),
+        (lambda: [lp.LoRA(r=2, target_modules=["query"], use_rslora=True)], "use_rslora=True"),
+        (lambda: [lp.LoRA(r=2, target_modules=["query"], modules_to_save=["classifier"])], "modules_to_save"),
+        (lambda: [lp.BitFit()], "BitFit"),
+    ],
+)
+def test_saving_what_adapterhub_cannot_express_is_refused(
+    tmp_path: Path, methods: Any, argument: str
+) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48
+    )
+    model = BertForSequenceClassification(config)
+    lp.apply_peft(model, methods())
+    with pytest.raises(ValueError, match=argument):
+        lp.save_adapter(model, tmp_path / "out", format="adapterhub")
+    assert not (tmp_path / "out").exists()

@@ -4,19 +4,22 @@
 A folder holds ``adapter_config.json`` (the architecture under ``"config"``, plus ``model_class``,
 ``model_type``, ``name``, ``hidden_size`` and ``version``) and ``pytorch_adapter.bin``, a ``torch.save``
 pickle, read here only through lightning-peft's pickle-free loader (``torch.load(weights_only=True)``), or
-``pytorch_adapter.safetensors``. Which configurations map to which methods: :mod:`.config`; tensor names:
+``adapter.safetensors``. Which configurations map to which methods: :mod:`.config`; tensor names:
 :mod:`.tensors`; the page docs/adapterhub.md.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from lightning_peft.atomic import replace_folder
 from lightning_peft.files.adapterhub.config import AdapterHubOptionError, methods_from_config
 from lightning_peft.files.adapterhub.tensors import convert, model_state, sizes_of
 from lightning_peft.methods.base import PEFTMethod
@@ -31,7 +34,7 @@ __all__ = [
 ]
 
 CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILES = ("pytorch_adapter.safetensors", "pytorch_adapter.bin")
+WEIGHTS_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
 
 
 def is_adapterhub_config(config: Mapping[str, Any]) -> bool:
@@ -44,7 +47,7 @@ def is_adapterhub_config(config: Mapping[str, Any]) -> bool:
 
 
 def weights_file(folder: Path) -> Path | None:
-    """The folder's ``pytorch_adapter.safetensors`` (preferred) or ``pytorch_adapter.bin``, if any."""
+    """The folder's ``adapter.safetensors`` (preferred) or ``pytorch_adapter.bin``, if any."""
     return next((folder / n for n in WEIGHTS_FILES if (folder / n).is_file()), None)
 
 
@@ -71,3 +74,20 @@ def model_tensors(
     """The converted tensors keyed by ``model``'s names for its active adapter's tensors."""
     names: Sequence[str] = [state_dict_key(n) for n in trainable_parameter_names(model)]
     return model_state(model, names, tensors, source)
+
+
+def save_folder(model: nn.Module, folder: Path, name: str) -> None:
+    """Write the active adapter ``name`` of ``model`` (inside ``only_adapter``) as an AdapterHub folder:
+    ``adapter_config.json``, ``pytorch_adapter.bin`` (what AdapterHub reads by default; plain tensors) and
+    ``adapter.safetensors``. Refused before writing when AdapterHub cannot express a method (:mod:`.save`)."""
+    from lightning_peft.files.adapterhub.save import adapterhub_files
+
+    config, tensors = adapterhub_files(model, name)
+    tensors = {k: v.clone() for k, v in tensors.items()}  # no shared storage (safetensors refuses it)
+
+    def write(tmp: Path) -> None:
+        torch.save(tensors, tmp / WEIGHTS_FILES[1])
+        save_file(tensors, str(tmp / WEIGHTS_FILES[0]), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    replace_folder(folder, write)
