@@ -9,6 +9,8 @@ the same logits and last hidden states to 1e-5, or refuse naming the option, lea
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import pickle
@@ -87,10 +89,16 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def base_model(root: Path) -> Any:
+@functools.cache
+def _pristine(folder: str) -> Any:
     from transformers import BertForSequenceClassification
 
-    return BertForSequenceClassification.from_pretrained(str(root / "base")).eval()
+    return BertForSequenceClassification.from_pretrained(folder).eval()
+
+
+def base_model(root: Path) -> Any:
+    """A fresh copy of the oracle's base model (read from disk once)."""
+    return copy.deepcopy(_pristine(str(root / "base")))
 
 
 def outputs(model: Any) -> dict[str, torch.Tensor]:
