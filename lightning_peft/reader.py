@@ -165,18 +165,24 @@ def _is_adapterhub(folder: Path) -> bool:
 
 
 def _read_adapterhub(folder: Path) -> AdapterFile:
-    """An AdapterHub folder: its ``.bin`` read without unpickling, mapped to methods and tensors
-    (:mod:`lightning_peft.files.adapterhub`)."""
+    """An AdapterHub folder: its ``.bin`` files read without unpickling, mapped to methods and tensors
+    (:mod:`lightning_peft.files.adapterhub`), with its prediction head if it has one."""
     weights_file = adapterhub.weights_file(folder)
     if weights_file is None:
         raise FileNotFoundError(f"path={str(folder)!r} holds no {' or '.join(adapterhub.WEIGHTS_FILES)}")
-    tensors = (
-        _load_tensors(weights_file) if weights_file.suffix == ".safetensors" else _load_bin(weights_file)
-    )
+    head_file = next((folder / n for n in adapterhub.HEAD_WEIGHTS if (folder / n).is_file()), None)
+    head = None
+    if head_file is not None and (folder / adapterhub.HEAD_CONFIG).is_file():
+        head = (read_json(folder / adapterhub.HEAD_CONFIG), _load_any(head_file))
+    config = read_json(folder / ADAPTER_CONFIG)
     methods, converted = adapterhub.methods_and_tensors(
-        read_json(folder / ADAPTER_CONFIG), tensors, str(weights_file)
+        config, _load_any(weights_file), str(weights_file), head
     )
     return AdapterFile(source=str(weights_file), methods=methods, tensors=converted, key_format="adapterhub")
+
+
+def _load_any(path: Path) -> dict[str, torch.Tensor]:
+    return _load_tensors(path) if path.suffix == ".safetensors" else _load_bin(path)
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

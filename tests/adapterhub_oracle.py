@@ -4,10 +4,11 @@ never imported by the test suite itself (which runs on transformers 5).
 Usage: ``adapterhub_oracle.py SPEC.json``. The spec holds
 
 * ``"base"``: a folder with a tiny BERT classifier (``save_pretrained``), written here when absent;
-* ``"write"``: cases ``{"name", "config": {...}, "folder"}``: an AdapterHub adapter of that configuration (a
+* ``"write"``: cases ``{"name", "config": {...}, "folder", "head"}``: an AdapterHub adapter of that configuration (a
   dict as ``adapter_config.json`` holds it, or a config-union list) is added to the base, every adapter weight
   randomised (so that no adapter is an identity), saved with ``model.save_adapter`` and its outputs on
-  :data:`INPUT_IDS` (with padding) written to ``folder/outputs.safetensors``;
+  :data:`INPUT_IDS` (with padding) written to ``folder/outputs.safetensors``; ``"head"``: ``"static"`` saves
+  the (randomised) classifier as the adapter's head, ``"flex"`` uses a flexible-head model with a 2-layer head;
 * ``"fusion"``: ``{"adapters": [...], "folder"}`` cases: several seq_bn adapters plus an AdapterFusion layer;
 * ``"read"``: cases ``{"folder", "output"}``: an adapter written by lightning-peft in AdapterHub's layout is
   loaded with ``model.load_adapter`` and its outputs written to ``output``.
@@ -86,13 +87,24 @@ def outputs(model: Any) -> dict[str, torch.Tensor]:
 def write_case(base: Path, case: dict[str, Any], seed: int) -> None:
     from safetensors.torch import save_file
 
-    model = load_base(base)
-    name = case["name"]
-    model.add_adapter(name, config=adapter_config(case["config"]))
+    name, head = case["name"], case.get("head")
+    if head in ("flex", "flex1"):  # a flexible-head model with a 2-layer (1-layer) classification head
+        from adapters import AutoAdapterModel
+
+        model = AutoAdapterModel.from_pretrained(str(base), attn_implementation="eager").eval()
+        model.add_adapter(name, config=adapter_config(case["config"]))
+        model.add_classification_head(
+            name, num_labels=CONFIG["num_labels"], layers=1 if head == "flex1" else 2
+        )
+    else:
+        model = load_base(base)
+        model.add_adapter(name, config=adapter_config(case["config"]))
     model.set_active_adapters(name)
     randomise(model, name, seed)
+    if head == "static":  # the model's own classifier, trained along: saved as the adapter's head
+        randomise(model, "classifier", seed + 1)
     folder = Path(case["folder"])
-    model.save_adapter(str(folder), name, with_head=False)
+    model.save_adapter(str(folder), name, with_head=head is not None)
     save_file(outputs(model), str(folder / "outputs.safetensors"))
 
 
@@ -120,7 +132,7 @@ def read_case(base: Path, case: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     model = load_base(base)
-    name = model.load_adapter(case["folder"], with_head=False)
+    name = model.load_adapter(case["folder"], with_head=True)
     model.set_active_adapters(name)
     save_file(outputs(model), case["output"])
 

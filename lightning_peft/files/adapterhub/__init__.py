@@ -10,6 +10,7 @@ pickle, read here only through lightning-peft's pickle-free loader (``torch.load
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,11 +22,14 @@ from torch import nn
 
 from lightning_peft.atomic import replace_folder
 from lightning_peft.files.adapterhub.config import AdapterHubOptionError, methods_from_config
+from lightning_peft.files.adapterhub.heads import HEAD_CONFIG, HEAD_WEIGHTS, head_modules
 from lightning_peft.files.adapterhub.tensors import convert, model_state, sizes_of
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.model import state_dict_key, trainable_parameter_names
 
 __all__ = [
+    "HEAD_CONFIG",
+    "HEAD_WEIGHTS",
     "AdapterHubOptionError",
     "is_adapterhub_config",
     "methods_and_tensors",
@@ -52,10 +56,13 @@ def weights_file(folder: Path) -> Path | None:
 
 
 def methods_and_tensors(
-    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    source: str,
+    head: tuple[Mapping[str, Any], Mapping[str, torch.Tensor]] | None = None,
 ) -> tuple[list[PEFTMethod], dict[str, torch.Tensor]]:
     """The lightning-peft methods and tensors equivalent to an AdapterHub adapter (its ``adapter_config.json``
-    and the tensors of its weights file); raises :class:`AdapterHubOptionError` naming an unsupported option."""
+    and the tensors of its weights file, and ``head``: its ``head_config.json`` and head tensors, if any); raises :class:`AdapterHubOptionError` naming an unsupported option."""
     architecture = config["config"]
     if isinstance(architecture, str):
         raise AdapterHubOptionError(
@@ -65,7 +72,12 @@ def methods_and_tensors(
     methods = methods_from_config(
         architecture, sizes_of(tensors, name, architecture), source, config.get("model_type")
     )
-    return methods, convert(tensors, name, architecture, methods, source)
+    converted = convert(tensors, name, architecture, methods, source)
+    if head is not None:  # the folder's prediction head goes into the first method's modules_to_save
+        modules, head_tensors = head_modules(head[0], head[1], source)
+        methods[0] = dataclasses.replace(methods[0], modules_to_save=modules)
+        converted.update(head_tensors)
+    return methods, converted
 
 
 def model_tensors(
@@ -82,12 +94,16 @@ def save_folder(model: nn.Module, folder: Path, name: str) -> None:
     ``adapter.safetensors``. Refused before writing when AdapterHub cannot express a method (:mod:`.save`)."""
     from lightning_peft.files.adapterhub.save import adapterhub_files
 
-    config, tensors = adapterhub_files(model, name)
+    config, tensors, head = adapterhub_files(model, name)
     tensors = {k: v.clone() for k, v in tensors.items()}  # no shared storage (safetensors refuses it)
 
     def write(tmp: Path) -> None:
         torch.save(tensors, tmp / WEIGHTS_FILES[1])
         save_file(tensors, str(tmp / WEIGHTS_FILES[0]), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if head is not None:  # the model's classifier, AdapterHub's static head
+            torch.save(head[1], tmp / HEAD_WEIGHTS[1])
+            save_file(head[1], str(tmp / HEAD_WEIGHTS[0]), metadata={"format": "pt"})
+            (tmp / HEAD_CONFIG).write_text(json.dumps(head[0], indent=2, sort_keys=True))
 
     replace_folder(folder, write)

@@ -69,17 +69,25 @@ def _leave_out(used: set[int], layers: int) -> list[int]:
     return [i for i in range(layers) if i not in used]
 
 
-def adapterhub_files(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(``adapter_config.json``, tensors of ``pytorch_adapter.bin``) for the adapter ``name`` of ``model``."""
+Head = tuple[dict[str, Any], dict[str, torch.Tensor]]
+
+
+def adapterhub_files(
+    model: nn.Module, name: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], Head | None]:
+    """(``adapter_config.json``, tensors of ``pytorch_adapter.bin``, the head: ``head_config.json`` and its
+    tensors, or ``None``) for the adapter ``name`` of ``model``. ``modules_to_save=["classifier"]`` is written as
+    AdapterHub's static head (the model's own classifier); other modules_to_save are refused."""
     methods = attached_methods(model) or []
     base = base_model(model)
     layers = int(getattr(base.config, "num_hidden_layers", 0))
     configs: list[dict[str, Any]] = []
     tensors: dict[str, torch.Tensor] = {}
     named = _layers(model)
+    head: Head | None = None
     for method in methods:
         if method.modules_to_save:
-            raise refuse(method, "modules_to_save", method.modules_to_save, "AdapterHub keeps heads apart")
+            head = _static_head(model, method, name)
         if isinstance(method, Adapter):
             config, found = _bottleneck(method, named, name, layers, int(base.config.hidden_size))
         elif isinstance(method, IA3):
@@ -102,7 +110,35 @@ def adapterhub_files(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[
         "name": name,
         "version": VERSION,
     }
-    return folder_config, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return folder_config, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, head
+
+
+def _static_head(model: nn.Module, method: PEFTMethod, name: str) -> Head:
+    """The model's own ``classifier`` as AdapterHub's static head (``"config": null``)."""
+    base = base_model(model)
+    classifier = getattr(base, "classifier", None)
+    if method.modules_to_save != ["classifier"] or not isinstance(classifier, nn.Linear):
+        raise refuse(
+            method,
+            "modules_to_save",
+            method.modules_to_save,
+            "AdapterHub's static head is the model's own classifier (an nn.Linear) only",
+        )
+    labels = getattr(base.config, "label2id", None) or {}
+    config = {
+        "config": None,
+        "hidden_size": int(base.config.hidden_size),
+        "label2id": dict(labels),
+        "model_class": type(base).__name__,
+        "model_name": name_or_path(model),
+        "model_type": model_type_of(model),
+        "name": name,
+        "version": VERSION,
+    }
+    tensors = {
+        f"classifier.{p}": getattr(classifier, p).detach().to("cpu").clone() for p in ("weight", "bias")
+    }
+    return config, tensors
 
 
 def _bottleneck(
