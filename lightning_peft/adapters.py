@@ -32,7 +32,7 @@ from lightning_peft.model import (
 from lightning_peft.record import _RECORD_KEY, AdapterRecord, get_record
 
 #: methods that can be one of several named adapters (see the module docstring)
-STACKABLE = ("lora", "dora", "ia3", "adapter")
+STACKABLE = ("lora", "dora", "ia3", "adapter", "adapter_fusion")
 #: methods that may be active together: their updates add up, so the order of the layers does not matter
 ADDITIVE = ("lora",)
 

@@ -142,11 +142,11 @@ def _read_safetensors(
 
 def _folder_methods(folder: Path) -> list[PEFTMethod]:
     """``adapter_config.json`` is the configuration; metadata in the safetensors header must agree with it."""
+    if _is_adapterhub(folder):
+        return _read_adapterhub(folder).methods
     config_file = folder / ADAPTER_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"path={str(folder)!r} holds no {ADAPTER_CONFIG}")
-    if _is_adapterhub(folder):
-        return _read_adapterhub(folder).methods
     config = read_json(config_file)
     meta = _header_meta(folder / ADAPTER_WEIGHTS)
     if CHECKPOINT_KEY in config:
@@ -161,12 +161,23 @@ def _folder_methods(folder: Path) -> list[PEFTMethod]:
 def _is_adapterhub(folder: Path) -> bool:
     """AdapterHub's layout (``adapter_config.json`` with ``"config"`` + ``pytorch_adapter.bin``)."""
     config_file = folder / ADAPTER_CONFIG
+    if (folder / adapterhub.FUSION_CONFIG).is_file():
+        return True
     return config_file.is_file() and adapterhub.is_adapterhub_config(read_json(config_file))
 
 
 def _read_adapterhub(folder: Path) -> AdapterFile:
     """An AdapterHub folder: its ``.bin`` files read without unpickling, mapped to methods and tensors
     (:mod:`lightning_peft.files.adapterhub`), with its prediction head if it has one."""
+    if (folder / adapterhub.FUSION_CONFIG).is_file():  # an AdapterFusion layer
+        fusion_file = next((folder / n for n in adapterhub.FUSION_WEIGHTS if (folder / n).is_file()), None)
+        if fusion_file is None:
+            raise FileNotFoundError(f"path={str(folder)!r} holds no {' or '.join(adapterhub.FUSION_WEIGHTS)}")
+        config = read_json(folder / adapterhub.FUSION_CONFIG)
+        fusion, tensors = adapterhub.fusion_from_files(config, _load_any(fusion_file), str(fusion_file))
+        return AdapterFile(
+            source=str(fusion_file), methods=[fusion], tensors=tensors, key_format="adapterhub"
+        )
     weights_file = adapterhub.weights_file(folder)
     if weights_file is None:
         raise FileNotFoundError(f"path={str(folder)!r} holds no {' or '.join(adapterhub.WEIGHTS_FILES)}")

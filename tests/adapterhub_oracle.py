@@ -122,6 +122,7 @@ def write_fusion(base: Path, case: dict[str, Any], seed: int) -> None:
         randomise(model, name, seed + i)
     randomise(model, ",".join(names), seed + 100)
     folder = Path(case["folder"])
+    folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         model.save_adapter(str(folder / name), name, with_head=False)
     model.save_adapter_fusion(str(folder / "fusion"), names)

@@ -83,6 +83,11 @@ def is_adapter_target(module: nn.Module) -> bool:
     return output_features(module) is not None
 
 
+def is_block_target(module: nn.Module) -> bool:
+    """A projection or a post-LayerNorm output block (the targets of block-layout adapters)."""
+    return is_adapter_target(module) or is_output_block(module)
+
+
 def is_norm(module: nn.Module) -> bool:
     if isinstance(module, nn.LayerNorm) or isinstance(module, getattr(nn, "RMSNorm", ())):
         return True
@@ -271,45 +276,55 @@ class Adapter(PEFTMethod):
 
     # -- the interface --------------------------------------------------------------------------------------
     def plan(self, model: nn.Module) -> ModuleTargets:
+        layout = self.layout
         targets = find_targets(
             model,
             self.resolved_targets(model),
             self.exclude_modules,
-            supported=is_adapter_target,
-            supported_desc="nn.Linear, transformers Conv1D or a Linear-like module with an integer out_features",
+            supported=is_adapter_target if layout is None else is_block_target,
+            supported_desc="nn.Linear, transformers Conv1D or a Linear-like module with an integer out_features"
+            + ("" if layout is None else ", or an output block with dense, dropout and LayerNorm"),
             method=type(self).__name__,
         )
+        if layout is not None:  # the adapter goes around the output block: the target or the target's parent
+            targets = list(dict.fromkeys(self.output_block(model, name) for name in targets))
         for name in targets:
-            features = output_features(model.get_submodule(name))
-            assert features is not None  # guaranteed by find_targets(supported=is_adapter_target)
+            module = innermost(model.get_submodule(name))
+            features = output_features(module.dense if layout is not None else module)
+            assert features is not None  # guaranteed by find_targets(supported=...)
             if self.bottleneck_for(features) < 1:
                 raise ValueError(
                     f"reduction_factor={self.reduction_factor or DEFAULT_REDUCTION_FACTOR} leaves no bottleneck "
                     f"for {name!r}, whose output has {features} features; use a reduction_factor <= {features} "
                     "or set bottleneck_size"
                 )
-        if self.layout is not None:
-            for name in targets:
-                parent, _, child = name.rpartition(".")
-                block = model.get_submodule(parent) if parent else model
-                if child != "dense" or not is_output_block(block):
-                    raise ValueError(
-                        f"Adapter(original_ln_before/parallel/scaling/ln_before/ln_after...): these place the adapter "
-                        f"inside the output block LN(dropout(dense(x)) + r), so each target must be the dense child "
-                        f"of a module with {', '.join(BLOCK_PARTS)} (BERT, RoBERTa); {name!r} in "
-                        f"{model_description(model)} is not"
-                    )
         return targets
+
+    def output_block(self, model: nn.Module, name: str) -> str:
+        """The output block an adapter with a block layout goes around: ``name`` itself or its parent."""
+        if is_output_block(innermost(model.get_submodule(name))):
+            return name
+        parent, _, child = name.rpartition(".")
+        parent = block_path(parent)
+        if parent and child == "dense" and is_output_block(innermost(model.get_submodule(parent))):
+            return parent
+        raise ValueError(
+            "Adapter(original_ln_before/parallel/scaling/ln_before/ln_after...): these place the adapter inside the "
+            f"output block LN(dropout(dense(x)) + r), so each target must be such a block (a module with "
+            f"{', '.join(BLOCK_PARTS)}, as in BERT or RoBERTa) or its dense child; {name!r} in "
+            f"{model_description(model)} is neither"
+        )
 
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
         layout, act = self.layout, ACTIVATIONS[self.activation]
         for name in targets:
-            features = output_features(innermost(model.get_submodule(name)))
+            module = innermost(model.get_submodule(name))
+            features = output_features(module.dense if layout is not None else module)
             assert features is not None
             size = self.bottleneck_for(features)
-            if layout is not None:  # the adapter goes around the parent output block
+            if layout is not None:
                 make = lambda base, size=size: BlockAdapterLayer(base, size, act(), layout)  # noqa: E731
-                wrap_target(model, name.rpartition(".")[0], make)
+                wrap_target(model, name, make)
                 continue
             wrap_target(model, name, lambda base, size=size: self.layer_class(base, size, self.activation))
         if not self.layernorms_trained:
@@ -324,6 +339,11 @@ class Adapter(PEFTMethod):
             local = [n for n, _ in norm.named_parameters(recurse=False) if n in ("weight", "bias")]
             if local:
                 mark_trainable(model, norm, *local)
+
+
+def block_path(name: str) -> str:
+    """The path of an output block without other adapters' wrapper infixes (its outermost wrapper's path)."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
 
 
 def layernorms_near(model: nn.Module, targets: ModuleTargets) -> list[nn.Module]:

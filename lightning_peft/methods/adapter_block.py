@@ -94,8 +94,21 @@ class BlockAdapterLayer(PEFTLayer):
             return self.adapter_norm_after(out + residual)
         return self.adapter_norm_after(out) + residual
 
+    def plain_block(self) -> nn.Module:
+        """The output block below this layer: other named adapters' wrappers in between must be switched off
+        (a block adapter recomputes the whole block, so two cannot run one after the other)."""
+        block = self.base_layer
+        while isinstance(block, PEFTLayer):
+            if block.active:
+                raise RuntimeError(
+                    f"adapter {self.adapter_name!r} and adapter {block.adapter_name!r} are both active in one output "
+                    "block; block adapters run one at a time (set_adapter), or fused (AdapterFusion)"
+                )
+            block = block.base_layer
+        return block
+
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        block, layout = self.base_layer, self.layout
+        block, layout = self.plain_block(), self.layout
         h = block.dropout(block.dense(hidden_states))  # (B, T, d): the sub-layer's output
         dtype = h.dtype
         h, r = h.to(self.adapter_down.weight.dtype), input_tensor.to(self.adapter_down.weight.dtype)

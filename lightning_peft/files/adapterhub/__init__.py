@@ -22,12 +22,16 @@ from torch import nn
 
 from lightning_peft.atomic import replace_folder
 from lightning_peft.files.adapterhub.config import AdapterHubOptionError, methods_from_config
+from lightning_peft.files.adapterhub.fusion import FUSION_CONFIG, FUSION_WEIGHTS, fusion_from_files
 from lightning_peft.files.adapterhub.heads import HEAD_CONFIG, HEAD_WEIGHTS, head_modules
 from lightning_peft.files.adapterhub.tensors import convert, model_state, sizes_of
 from lightning_peft.methods.base import PEFTMethod
 from lightning_peft.model import state_dict_key, trainable_parameter_names
 
 __all__ = [
+    "FUSION_CONFIG",
+    "FUSION_WEIGHTS",
+    "fusion_from_files",
     "HEAD_CONFIG",
     "HEAD_WEIGHTS",
     "AdapterHubOptionError",

@@ -56,7 +56,9 @@ def refuse(source: str, option: str, value: Any, why: str) -> AdapterHubOptionEr
 def layer_regex(tail: str, leave_out: list[int]) -> str:
     """A regex (fullmatch) for ``layer.N.<tail>`` in every block except those in ``leave_out``."""
     skip = "(?!(?:{})\\.)".format("|".join(str(i) for i in sorted(leave_out))) if leave_out else ""
-    return rf"(?:.*\.)?layer\.{skip}\d+\.(?:{tail})"
+    # other named adapters' wrappers may sit in between (``output.base_layer.dense``)
+    tail = tail.replace(r"\.", r"\.(?:base_layer\.)*")
+    return rf"(?:.*\.)?layer\.{skip}\d+\.(?:base_layer\.)*(?:{tail})"
 
 
 def architecture(config: Mapping[str, Any]) -> str:
@@ -149,7 +151,7 @@ def bottleneck_method(config: Mapping[str, Any], sizes: Mapping[str, int], sourc
     original_ln_before = bool(config.get("original_ln_before", False))
     if residual == "post_add" and not original_ln_before:
         raise refuse(source, "residual_before_ln", residual, "it needs original_ln_before=True")
-    places = {"mh_adapter": r"attention\.output\.dense", "output_adapter": r"output\.dense"}
+    places = {"mh_adapter": r"attention\.output", "output_adapter": r"output"}  # the output blocks
     tails = [tail for flag, tail in places.items() if config.get(flag)]
     if not tails:
         raise refuse(source, "mh_adapter", False, "with output_adapter=False too, the adapter has no place")
