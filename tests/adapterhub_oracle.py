@@ -11,7 +11,8 @@ Usage: ``adapterhub_oracle.py SPEC.json``. The spec holds
   the (randomised) classifier as the adapter's head, ``"flex"`` uses a flexible-head model with a 2-layer head;
 * ``"fusion"``: ``{"adapters": [...], "folder"}`` cases: several seq_bn adapters plus an AdapterFusion layer;
 * ``"read"``: cases ``{"folder", "output"}``: an adapter written by lightning-peft in AdapterHub's layout is
-  loaded with ``model.load_adapter`` and its outputs written to ``output``.
+  loaded with ``model.load_adapter`` and its outputs written to ``output``;
+* ``"read_fusion"``: ``{"adapters": [folders], "fusion": folder, "output"}``: the same for a fusion.
 
 One process serves a whole test session (importing torch and transformers is most of its cost).
 """
@@ -138,6 +139,17 @@ def read_case(base: Path, case: dict[str, Any]) -> None:
     save_file(outputs(model), case["output"])
 
 
+def read_fusion(base: Path, case: dict[str, Any]) -> None:
+    from adapters.composition import Fuse
+    from safetensors.torch import save_file
+
+    model = load_base(base)
+    names = [model.load_adapter(folder, with_head=False) for folder in case["adapters"]]
+    model.load_adapter_fusion(case["fusion"])
+    model.set_active_adapters(Fuse(*names))
+    save_file(outputs(model), case["output"])
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     base = Path(spec["base"])
@@ -153,6 +165,8 @@ def main() -> None:
         write_fusion(base, case, seed=200 + 10 * i)
     for case in spec.get("read", []):
         read_case(base, case)
+    for case in spec.get("read_fusion", []):
+        read_fusion(base, case)
     Path(spec.get("errors", base / "errors.json")).write_text(json.dumps(errors))
 
 

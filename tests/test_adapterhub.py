@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lightning_peft as lp
+from lightning_peft.adapters import set_adapter
 from lightning_peft.files.adapterhub import AdapterHubOptionError
 from lightning_peft.io import read_adapter_config
 from lightning_peft.model import is_attached
@@ -53,6 +54,12 @@ LOADS = {
     "static_head": "seq_bn[reduction_factor=4]",
     "flex_head": "lora[r=2]",
 }
+#: AdapterFusion over two adapters "fa", "fb" of one configuration, with AdapterHub's "dynamic"/"static" fusion
+FUSIONS = {
+    "fusion_pfeiffer": ("seq_bn[reduction_factor=4]", "dynamic"),
+    "fusion_houlsby_static": ("double_seq_bn[reduction_factor=8]", "static"),
+}
+
 #: cases saved with a prediction head: the model's own classifier ("static") or a flexible 2-layer head ("flex")
 HEADS = {"static_head": "static", "flex_head": "flex", "flex_head_1_layer": "flex1"}
 
@@ -84,6 +91,10 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "write": [
             {"name": name, "config": config, "folder": str(root / name), "head": HEADS.get(name)}
             for name, config in cases.items()
+        ],
+        "fusion": [
+            {"adapters": ["fa", "fb"], "config": config, "fusion_config": kind, "folder": str(root / case)}
+            for case, (config, kind) in FUSIONS.items()
         ],
         "errors": str(root / "errors.json"),
     }
@@ -238,9 +249,21 @@ def read_back(oracle: Path) -> Path:
         )
         lp.save_adapter(model, root / case, format="adapterhub")
         cases.append(case)
+    for case in FUSIONS:
+        model = load_fusion(oracle / case)
+        for name in ("fa", "fb", "fusion"):
+            lp.save_adapter(model, root / case / name, adapter_name=name, format="adapterhub")
     spec = {
         "base": str(oracle / "base"),
         "read": [{"folder": str(root / c), "output": str(root / f"{c}.out.safetensors")} for c in cases],
+        "read_fusion": [
+            {
+                "adapters": [str(root / case / "fa"), str(root / case / "fb")],
+                "fusion": str(root / case / "fusion"),
+                "output": str(root / f"{case}.out.safetensors"),
+            }
+            for case in FUSIONS
+        ],
         "errors": str(root / "errors.json"),
     }
     (root / "spec.json").write_text(json.dumps(spec))
@@ -304,3 +327,31 @@ def test_saving_what_adapterhub_cannot_express_is_refused(
     with pytest.raises(ValueError, match=argument):
         lp.save_adapter(model, tmp_path / "out", format="adapterhub")
     assert not (tmp_path / "out").exists()
+
+
+def load_fusion(folder: Path) -> Any:
+    """The oracle's base with AdapterHub's adapters fa, fb and their fusion (named "fusion", active)."""
+    model = base_model(folder.parent)
+    for name in ("fa", "fb"):
+        lp.load_adapter(model, folder / name, adapter_name=name)
+    lp.load_adapter(model, folder / "fusion", adapter_name="fusion")
+    set_adapter(model, "fusion")
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(FUSIONS))
+def test_adapterhub_fusion_gives_adapterhubs_outputs(oracle: Path, case: str) -> None:
+    got, want = outputs(load_fusion(oracle / case)), load_file(str(oracle / case / "outputs.safetensors"))
+    for key in ("logits", "hidden"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=f"{case}: {key}")
+    model = load_fusion(oracle / case)
+    set_adapter(model, "fa")  # one adapter alone differs from the fusion: the test sees the fusion
+    assert (outputs(model)["hidden"] - want["hidden"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case", sorted(FUSIONS))
+def test_fusion_saved_back_loads_in_adapterhub(read_back: Path, case: str) -> None:
+    got = load_file(str(read_back / f"{case}.out.safetensors"))
+    want = load_file(str(read_back.parent / case / "outputs.safetensors"))
+    for key in ("logits", "hidden"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=f"{case}: {key}")

@@ -22,11 +22,19 @@ from torch import nn
 
 from lightning_peft.atomic import replace_folder
 from lightning_peft.files.adapterhub.config import AdapterHubOptionError, methods_from_config
-from lightning_peft.files.adapterhub.fusion import FUSION_CONFIG, FUSION_WEIGHTS, fusion_from_files
+from lightning_peft.files.adapterhub.fusion import (
+    FUSION_CONFIG,
+    FUSION_WEIGHTS,
+    fusion_files,
+    fusion_from_files,
+)
 from lightning_peft.files.adapterhub.heads import HEAD_CONFIG, HEAD_WEIGHTS, head_modules
 from lightning_peft.files.adapterhub.tensors import convert, model_state, sizes_of
+from lightning_peft.hf import base_prefix
 from lightning_peft.methods.base import PEFTMethod
+from lightning_peft.methods.fusion import AdapterFusion
 from lightning_peft.model import state_dict_key, trainable_parameter_names
+from lightning_peft.record import attached_methods
 
 __all__ = [
     "FUSION_CONFIG",
@@ -96,8 +104,19 @@ def save_folder(model: nn.Module, folder: Path, name: str) -> None:
     """Write the active adapter ``name`` of ``model`` (inside ``only_adapter``) as an AdapterHub folder:
     ``adapter_config.json``, ``pytorch_adapter.bin`` (what AdapterHub reads by default; plain tensors) and
     ``adapter.safetensors``. Refused before writing when AdapterHub cannot express a method (:mod:`.save`)."""
-    from lightning_peft.files.adapterhub.save import adapterhub_files
+    from lightning_peft.files.adapterhub.save import adapterhub_files, describe
 
+    methods = attached_methods(model) or []
+    if len(methods) == 1 and isinstance(methods[0], AdapterFusion):  # AdapterHub's fusion files
+        fusion_config, fusion = fusion_files(model, methods[0], base_prefix(model), describe(model))
+
+        def write_fusion(tmp: Path) -> None:
+            torch.save(fusion, tmp / FUSION_WEIGHTS[1])
+            save_file(fusion, str(tmp / FUSION_WEIGHTS[0]), metadata={"format": "pt"})
+            (tmp / FUSION_CONFIG).write_text(json.dumps(fusion_config, indent=2, sort_keys=True))
+
+        replace_folder(folder, write_fusion)
+        return
     config, tensors, head = adapterhub_files(model, name)
     tensors = {k: v.clone() for k, v in tensors.items()}  # no shared storage (safetensors refuses it)
 

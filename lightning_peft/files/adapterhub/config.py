@@ -15,6 +15,7 @@ Each AdapterHub option either has an exact counterpart (the outputs then equal A
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -155,7 +156,7 @@ def bottleneck_method(config: Mapping[str, Any], sizes: Mapping[str, int], sourc
     tails = [tail for flag, tail in places.items() if config.get(flag)]
     if not tails:
         raise refuse(source, "mh_adapter", False, "with output_adapter=False too, the adapter has no place")
-    return Adapter(
+    adapter = Adapter(
         placement="houlsby" if config.get("mh_adapter") else "pfeiffer",
         bottleneck_size=sizes["bottleneck"],
         activation=ACTIVATIONS[non_linearity],
@@ -169,6 +170,10 @@ def bottleneck_method(config: Mapping[str, Any], sizes: Mapping[str, int], sourc
         ln_after=bool(config.get("ln_after", False)),
         adapter_residual_before_ln=bool(config.get("adapter_residual_before_ln", False)),
     )
+    if adapter.layout is None:  # the plain adapter sits on the blocks' dense projections
+        dense = layer_regex("|".join(rf"{tail}\.dense" for tail in tails), _leave_out(config, source))
+        adapter = dataclasses.replace(adapter, target_modules=dense)
+    return adapter
 
 
 def lora_targets(config: Mapping[str, Any], source: str) -> str:

@@ -101,16 +101,20 @@ def adapterhub_files(
         configs.append(config)
         tensors.update(found)
     config = configs[0] if len(configs) == 1 else {"architecture": "union", "configs": configs}
-    folder_config = {
-        "config": config,
+    folder_config = {"config": config, **describe(model), "name": name}
+    return folder_config, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, head
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """What every AdapterHub JSON file says about the model."""
+    base = base_model(model)
+    return {
         "hidden_size": int(base.config.hidden_size),
         "model_class": type(base).__name__,
         "model_name": name_or_path(model),
         "model_type": model_type_of(model),
-        "name": name,
         "version": VERSION,
     }
-    return folder_config, {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, head
 
 
 def _static_head(model: nn.Module, method: PEFTMethod, name: str) -> Head:
@@ -125,16 +129,7 @@ def _static_head(model: nn.Module, method: PEFTMethod, name: str) -> Head:
             "AdapterHub's static head is the model's own classifier (an nn.Linear) only",
         )
     labels = getattr(base.config, "label2id", None) or {}
-    config = {
-        "config": None,
-        "hidden_size": int(base.config.hidden_size),
-        "label2id": dict(labels),
-        "model_class": type(base).__name__,
-        "model_name": name_or_path(model),
-        "model_type": model_type_of(model),
-        "name": name,
-        "version": VERSION,
-    }
+    config = {"config": None, **describe(model), "label2id": dict(labels), "name": name}
     tensors = {
         f"classifier.{p}": getattr(classifier, p).detach().to("cpu").clone() for p in ("weight", "bias")
     }
