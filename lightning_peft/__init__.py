@@ -15,6 +15,7 @@ from lightning_peft.lifecycle import PEFTLifecycle
 from lightning_peft.methods import (
     IA3,
     Adapter,
+    AdapterFusion,
     BitFit,
     DoRA,
     LoRA,
@@ -41,6 +42,7 @@ from lightning_peft.version import __version__ as __version__
 __all__ = [
     "IA3",
     "Adapter",
+    "AdapterFusion",
     "BitFit",
     "DoRA",
     "LoRA",

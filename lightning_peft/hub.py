@@ -14,6 +14,17 @@ from pathlib import Path
 
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: AdapterHub's files (lightning_peft/files/adapterhub), fetched too: a repository holds one layout or the other
+ADAPTERHUB_FILES = (
+    "pytorch_adapter.bin",
+    "adapter.safetensors",
+    "head_config.json",
+    "pytorch_model_head.bin",
+    "model_head.safetensors",
+    "adapter_fusion_config.json",
+    "pytorch_model_adapter_fusion.bin",
+    "model_adapter_fusion.safetensors",
+)
 #: file names that are never Hub repository ids
 LOCAL_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".json")
 
@@ -46,7 +57,7 @@ def resolve_adapter_path(path: str | os.PathLike, revision: str | None = None) -
         raise FileNotFoundError(
             f"path={str(path)!r} is not a folder, and huggingface_hub is not installed"
         ) from error
-    patterns = [f"{subfolder}/{name}" if subfolder else name for name in ADAPTER_FILES]
+    patterns = [f"{subfolder}/{name}" if subfolder else name for name in ADAPTER_FILES + ADAPTERHUB_FILES]
     try:
         snapshot = snapshot_download(
             repo_id, revision=revision, allow_patterns=patterns, local_files_only=_offline()

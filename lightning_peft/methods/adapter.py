@@ -18,6 +18,7 @@ The activation makes the adapter nonlinear, so it cannot be folded into the base
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -272,7 +273,10 @@ class Adapter(PEFTMethod):
                 f"{len(ADAPTER_PLACEMENT)} model types have defaults, listed in lightning_peft/hf_targets.py"
             )
         attention_out, ffn_out = ADAPTER_PLACEMENT[model_type]
-        return [attention_out, ffn_out] if self.placement == "houlsby" else [ffn_out]
+        targets = [attention_out, ffn_out] if self.placement == "houlsby" else [ffn_out]
+        if self.layout is not None:  # the blocks around the projections (another adapter may wrap a dense)
+            targets = [re.sub(r"(\\\.|\.)dense$", "", t) for t in targets]
+        return targets
 
     # -- the interface --------------------------------------------------------------------------------------
     def plan(self, model: nn.Module) -> ModuleTargets:

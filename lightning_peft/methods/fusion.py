@@ -155,7 +155,7 @@ class AdapterFusion(PEFTMethod):
         super().__post_init__()
         if (
             isinstance(self.adapters, str)
-            or len(self.adapters) < 2
+            or len(self.adapters) == 1  # [] (the default): not given yet (a CLI builds it); attach refuses it
             or len(set(self.adapters)) != len(self.adapters)
         ):
             raise ValueError(
@@ -168,6 +168,8 @@ class AdapterFusion(PEFTMethod):
             raise ValueError(f"AdapterFusion takes no modules_to_save, got {self.modules_to_save!r}")
 
     def plan(self, model: nn.Module) -> ModuleTargets:
+        if not self.adapters:
+            raise ValueError("AdapterFusion(adapters=[]): name at least two adapters on the model to fuse")
         record = get_record(model)
         loaded = list(record.adapters) if record is not None else []
         unknown = [a for a in self.adapters if a not in loaded]
