@@ -10,6 +10,7 @@ Usage: ``adapterhub_oracle.py SPEC.json``. The spec holds
   :data:`INPUT_IDS` (with padding) written to ``folder/outputs.safetensors``; ``"head"``: ``"static"`` saves
   the (randomised) classifier as the adapter's head, ``"flex"`` uses a flexible-head model with a 2-layer head;
 * ``"fusion"``: ``{"adapters": [...], "folder"}`` cases: several seq_bn adapters plus an AdapterFusion layer;
+* ``"compose"``: ``{"adapters": [...], "config", "block": "stack" | "parallel", "folder"}``: composed adapters;
 * ``"read"``: cases ``{"folder", "output"}``: an adapter written by lightning-peft in AdapterHub's layout is
   loaded with ``model.load_adapter`` and its outputs written to ``output``;
 * ``"read_fusion"``: ``{"adapters": [folders], "fusion": folder, "output"}``: the same for a fusion.
@@ -130,6 +131,24 @@ def write_fusion(base: Path, case: dict[str, Any], seed: int) -> None:
     save_file(outputs(model), str(folder / "outputs.safetensors"))
 
 
+def write_composition(base: Path, case: dict[str, Any], seed: int) -> None:
+    """Two adapters composed by a ``Stack`` or a ``Parallel`` block; each adapter saved to ``folder/<name>``."""
+    from adapters.composition import Parallel, Stack
+    from safetensors.torch import save_file
+
+    model = load_base(base)
+    names = case["adapters"]
+    for i, name in enumerate(names):
+        model.add_adapter(name, config=adapter_config(case["config"]))
+        randomise(model, name, seed + i)
+    model.set_active_adapters((Stack if case["block"] == "stack" else Parallel)(*names))
+    folder = Path(case["folder"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        model.save_adapter(str(folder / name), name, with_head=False)
+    save_file(outputs(model), str(folder / "outputs.safetensors"))
+
+
 def read_case(base: Path, case: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
@@ -163,6 +182,8 @@ def main() -> None:
             errors[case["name"]] = f"{type(error).__name__}: {error}"
     for i, case in enumerate(spec.get("fusion", [])):
         write_fusion(base, case, seed=200 + 10 * i)
+    for i, case in enumerate(spec.get("compose", [])):
+        write_composition(base, case, seed=300 + 10 * i)
     for case in spec.get("read", []):
         read_case(base, case)
     for case in spec.get("read_fusion", []):

@@ -13,6 +13,7 @@ from lightning_peft import Adapter, AdapterFusion, LoRA, PEFTCallback
 from lightning_peft.adapters import active_adapters, add_adapter, set_adapter
 from lightning_peft.methods.fusion import FusionLayer
 from lightning_peft.model import is_attached
+from lightning_peft.ops.composition import Parallel, Stack, parallel_forward, set_composition
 
 
 def perturb(model: torch.nn.Module, names: tuple[str, ...], seed: int = 0) -> None:
@@ -102,3 +103,35 @@ def test_fusion_refuses_what_it_cannot_fuse() -> None:
     with pytest.raises(ValueError, match="adapters=\\[\\]"):
         add_adapter(model, AdapterFusion(), "fusion")
     assert is_attached(model) and not any(isinstance(m, FusionLayer) for m in model.modules())
+
+
+def test_parallel_gives_each_adapter_its_own_output_in_one_batch() -> None:
+    model = tiny_bert().eval()
+    add_adapter(model, Adapter(bottleneck_size=4, original_ln_before=True), "a")
+    add_adapter(model, LoRA(r=2, target_modules=["query", "value"]), "b")
+    perturb(model, ("a", "b"))
+    batch = {
+        "input_ids": torch.tensor([[2, 5, 9, 3], [2, 7, 3, 0]]),
+        "attention_mask": torch.tensor([[1] * 4, [1, 1, 1, 0]]),
+    }
+    with torch.no_grad():
+        both = parallel_forward(model, Parallel("a", "b"), **batch).logits  # (2·B, labels)
+        alone = []
+        for name in ("a", "b"):
+            set_adapter(model, name)
+            alone.append(model(**batch).logits)
+    torch.testing.assert_close(both, torch.cat(alone), atol=1e-6, rtol=0)
+    assert (alone[0] - alone[1]).abs().max() > 1e-3
+
+
+def test_stack_refuses_what_it_cannot_stack() -> None:
+    model = tiny_bert()
+    add_adapter(model, Adapter(bottleneck_size=4, original_ln_before=True), "a")
+    add_adapter(model, Adapter(bottleneck_size=4, original_ln_before=True), "b")
+    add_adapter(model, LoRA(r=2, target_modules=["query"]), "c")
+    with pytest.raises(ValueError, match="order they were added"):
+        set_composition(model, Stack("b", "a"))
+    with pytest.raises(ValueError, match="'c'"):
+        set_composition(model, Stack("a", "c"))
+    set_composition(model, Stack("a", "b"))
+    assert active_adapters(model) == ["a", "b"]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_peft.methods.base import AdapterLinear, PEFTLayer, ZeroLinear
+from lightning_peft.methods.base import ADAPTER_ROUTING, AdapterLinear, PEFTLayer, ZeroLinear
 
 #: attributes an output block must have for the block layouts (BERT's BertOutput / BertSelfOutput)
 BLOCK_PARTS = ("dense", "dropout", "LayerNorm")
@@ -94,21 +94,30 @@ class BlockAdapterLayer(PEFTLayer):
             return self.adapter_norm_after(out + residual)
         return self.adapter_norm_after(out) + residual
 
-    def plain_block(self) -> nn.Module:
-        """The output block below this layer: other named adapters' wrappers in between must be switched off
-        (a block adapter recomputes the whole block, so two cannot run one after the other)."""
-        block = self.base_layer
+    def plain_block(self) -> tuple[nn.Module, list[BlockAdapterLayer]]:
+        """The output block below this layer, and the active block adapters between (innermost first): they
+        run stacked with this one (``Stack``), any other active wrapper is refused."""
+        block, below = self.base_layer, []
+        routed = ADAPTER_ROUTING.get() is not None  # per-sample routing: each sample uses one adapter
         while isinstance(block, PEFTLayer):
-            if block.active:
-                raise RuntimeError(
-                    f"adapter {self.adapter_name!r} and adapter {block.adapter_name!r} are both active in one output "
-                    "block; block adapters run one at a time (set_adapter), or fused (AdapterFusion)"
-                )
+            if block.active and not routed:
+                if not isinstance(block, BlockAdapterLayer):
+                    raise RuntimeError(
+                        f"adapter {block.adapter_name!r} ({type(block).__name__}) is active inside the block adapter "
+                        f"{self.adapter_name!r}; switch one off (set_adapter)"
+                    )
+                below.insert(0, block)
             block = block.base_layer
-        return block
+        return block, below
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        block, layout = self.plain_block(), self.layout
+        block, below = self.plain_block()
+        stack = [*below, self]  # one adapter, or a Stack (ops/composition.py): each feeds the next
+        layout = stack[0].layout
+        if len(stack) > 1 and any(layer.layout.parallel for layer in stack):
+            raise RuntimeError(
+                f"parallel adapters cannot be stacked: {[layer.adapter_name for layer in stack]}"
+            )
         h = block.dropout(block.dense(hidden_states))  # (B, T, d): the sub-layer's output
         dtype = h.dtype
         h, r = h.to(self.adapter_down.weight.dtype), input_tensor.to(self.adapter_down.weight.dtype)
@@ -117,12 +126,21 @@ class BlockAdapterLayer(PEFTLayer):
             if layout.ln_after:
                 a = self.adapter_norm_after(a)
             return block.LayerNorm((h + a + r).to(dtype))
-        if not layout.original_ln_before:
-            return block.LayerNorm((self.adapter_output(h, h) + r).to(dtype))
+        x = h
+        for layer in stack:  # AdapterHub's Stack: each adapter reads the previous one's output as its h
+            z, residual = layer.adapter_input(x, r, block.LayerNorm)
+            x = layer.adapter_output(z, residual)
+        return block.LayerNorm((x + r).to(dtype))
+
+    def adapter_input(
+        self, h: torch.Tensor, r: torch.Tensor, norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the adapter's input z, its residual ρ) from the sub-layer output ``h`` and the block input ``r``."""
+        if not self.layout.original_ln_before:
+            return h, h
         added = h + r
-        z = block.LayerNorm(added.to(dtype)).to(h.dtype)
-        residual = {True: h, "post_add": added, False: z}[layout.residual_before_ln]  # type: ignore[index]
-        return block.LayerNorm((self.adapter_output(z, residual) + r).to(dtype))
+        z = norm(added.to(norm.weight.dtype)).to(h.dtype)
+        return z, {True: h, "post_add": added, False: z}[self.layout.residual_before_ln]  # type: ignore[index]
 
     def unload(self) -> nn.Module:
         return self.base_layer

@@ -1,0 +1,1 @@
+"""Operations on models with adapters attached."""
