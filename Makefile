@@ -3,11 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# AdapterHub's `adapters` 1.3.0 pins transformers ~= 4.57.6: its test oracle lives in a venv of its own.
+AH_VENV := .venv-adapterhub
+AH_STAMP := $(AH_VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo demo-llm test lint format docs bench clean
+.PHONY: setup demo demo-llm test $(AH_VENV) lint format docs bench clean
 
 # Set-up is quiet: one line per step; pip -q still prints its warnings and errors.
 PIP := $(BIN)/python -m pip --disable-pip-version-check
@@ -28,6 +31,15 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 setup: $(STAMP)
 
+$(AH_STAMP):
+	$(PY) -m venv $(AH_VENV)
+	$(AH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AH_VENV)/bin/python -c "import torch" 2>/dev/null || $(AH_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(AH_VENV)/bin/python -m pip install -q transformers==4.57.6 adapters==1.3.0 safetensors
+	touch $(AH_STAMP)
+
+$(AH_VENV): $(AH_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
@@ -35,7 +47,7 @@ demo: $(STAMP)
 demo-llm: $(STAMP)
 	$(BIN)/python examples/demo_llm.py
 
-test: $(STAMP)
+test: $(STAMP) $(AH_STAMP)
 	$(BIN)/ruff check lightning_peft tests examples benchmarks
 	$(BIN)/ruff format --check lightning_peft tests examples benchmarks
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -p no:cacheprovider
@@ -55,4 +67,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_speed.py
 
 clean:
-	rm -rf $(VENV) site lightning_logs outputs
+	rm -rf $(VENV) $(AH_VENV) site lightning_logs outputs

@@ -10,6 +10,7 @@ from lightning_peft.lightning.mixin import PEFTMixin
 from lightning_peft.methods import (
     IA3,
     Adapter,
+    AdapterFusion,
     BitFit,
     DoRA,
     LoRA,
@@ -37,6 +38,7 @@ from lightning_peft.version import __version__ as __version__
 __all__ = [
     "IA3",
     "Adapter",
+    "AdapterFusion",
     "BitFit",
     "DoRA",
     "LoRA",

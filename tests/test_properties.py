@@ -134,6 +134,21 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "lora_bias": st.booleans(),
     "cross_attention_prefix": st.booleans(),
     "encoder_prefix": st.booleans(),
+    "shift_positions": st.booleans(),
+    "original_ln_before": st.booleans(),
+    "residual_before_ln": st.sampled_from([True, False, "post_add"]),
+    "parallel": st.booleans(),
+    "scaling": st.floats(1e-2, 1e2),
+    "ln_before": st.booleans(),
+    "ln_after": st.booleans(),
+    "adapter_residual_before_ln": st.booleans(),
+    "adapters": st.just([]) | st.lists(st.sampled_from(["a", "b", "c"]), min_size=2, max_size=3, unique=True),
+    "query": st.booleans(),
+    "key": st.booleans(),
+    "value": st.booleans(),
+    "value_before_softmax": st.booleans(),
+    "residual_before": st.booleans(),
+    "query_before_ln": st.booleans(),
 }
 
 

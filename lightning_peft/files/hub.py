@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from lightning_peft.files.names import ADAPTER_FILES
+from lightning_peft.files.names import ADAPTER_FILES, ADAPTERHUB_FILES
 
 _REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 #: file names that are never Hub repository ids
@@ -47,7 +47,7 @@ def resolve_adapter_path(path: str | os.PathLike, revision: str | None = None) -
         raise FileNotFoundError(
             f"path={str(path)!r} is not a folder, and huggingface_hub is not installed"
         ) from error
-    patterns = [f"{subfolder}/{name}" if subfolder else name for name in ADAPTER_FILES]
+    patterns = [f"{subfolder}/{name}" if subfolder else name for name in ADAPTER_FILES + ADAPTERHUB_FILES]
     try:
         snapshot = snapshot_download(
             repo_id, revision=revision, allow_patterns=patterns, local_files_only=_offline()

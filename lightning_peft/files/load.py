@@ -14,6 +14,7 @@ from lightning_peft.core.base_model import (
     base_prefix,
 )
 from lightning_peft.core.record import DEFAULT_ADAPTER_NAME, get_record
+from lightning_peft.files import adapterhub
 from lightning_peft.files.fingerprint import check_base
 from lightning_peft.files.hub import resolve_adapter_path
 from lightning_peft.files.names import ADAPTER_WEIGHTS
@@ -100,6 +101,8 @@ def state_from_file(model: nn.Module, adapter: AdapterFile) -> dict[str, torch.T
     """The tensors of ``adapter`` keyed by ``model``'s adapter tensor names (the adapter must be attached and
     the only one active); raises on an unexpected or missing tensor. :func:`load_adapter`, Lightning checkpoints
     and ``combine_adapter_folders`` (which reads tensors without loading them) all map keys through here."""
+    if adapter.key_format == "adapterhub":
+        return adapterhub.model_tensors(model, adapter.tensors, adapter.source)
     if adapter.key_format == "peft":
         expected = file_key_map(model)  # model name -> file key
     else:

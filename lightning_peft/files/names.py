@@ -18,3 +18,15 @@ FINGERPRINT_KEY = "base_fingerprint"
 VERSION_KEY = "library_version"
 #: in ``adapter_config.json``: the class names of a classifier, in class-index order (HF PEFT ignores the key)
 LABEL_NAMES_KEY = "label_names"
+#: AdapterHub's files (:mod:`lightning_peft.files.adapterhub`), fetched from the Hub too: a repository holds one
+#: layout or the other
+ADAPTERHUB_FILES = (
+    "pytorch_adapter.bin",
+    "adapter.safetensors",
+    "head_config.json",
+    "pytorch_model_head.bin",
+    "model_head.safetensors",
+    "adapter_fusion_config.json",
+    "pytorch_model_adapter_fusion.bin",
+    "model_adapter_fusion.safetensors",
+)

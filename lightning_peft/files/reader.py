@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file
 
+from lightning_peft.files import adapterhub
 from lightning_peft.files.atomic import recover
 from lightning_peft.files.config_check import methods_from, read_json, reconcile
 from lightning_peft.files.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LABEL_NAMES_KEY, METADATA_KEY
@@ -38,7 +39,7 @@ class AdapterFile:
     #: the adapter's tensors: keyed as in HF PEFT's ``adapter_model.safetensors`` (``key_format="peft"``) or as
     #: in the saving module's ``state_dict()`` (``key_format="state_dict"``, adapter-only checkpoints)
     tensors: dict[str, torch.Tensor]
-    key_format: Literal["peft", "state_dict"]
+    key_format: Literal["peft", "state_dict", "adapterhub"]
     #: prefix of the base transformers model in the module that saved the tensors (``state_dict`` keys);
     #: ``None`` when the file does not say
     base_prefix: str | None = None
@@ -94,6 +95,8 @@ def read_meta(path: PathLike) -> dict[str, Any] | None:
 
 
 def _read_folder(folder: Path) -> AdapterFile:
+    if _is_adapterhub(folder):
+        return _read_adapterhub(folder)
     weights_file = folder / ADAPTER_WEIGHTS
     methods = _folder_methods(folder)  # an unknown method fails before the weights are read
     if not weights_file.is_file():
@@ -137,6 +140,8 @@ def _read_safetensors(
 
 def _folder_methods(folder: Path) -> list[PEFTMethod]:
     """``adapter_config.json`` is the configuration; metadata in the safetensors header must agree with it."""
+    if _is_adapterhub(folder):
+        return _read_adapterhub(folder).methods
     config_file = folder / ADAPTER_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"path={str(folder)!r} holds no {ADAPTER_CONFIG}")
@@ -149,6 +154,53 @@ def _folder_methods(folder: Path) -> list[PEFTMethod]:
     if described is None and meta is None:
         raise unsupported_peft_type(config, str(config_file))
     return reconcile(config, None if described is None else [described], meta, config_file)
+
+
+def _is_adapterhub(folder: Path) -> bool:
+    """AdapterHub's layout (``adapter_config.json`` with ``"config"`` + ``pytorch_adapter.bin``)."""
+    config_file = folder / ADAPTER_CONFIG
+    if (folder / adapterhub.FUSION_CONFIG).is_file():
+        return True
+    return config_file.is_file() and adapterhub.is_adapterhub_config(read_json(config_file))
+
+
+def _read_adapterhub(folder: Path) -> AdapterFile:
+    """An AdapterHub folder: its ``.bin`` files read without unpickling, mapped to methods and tensors
+    (:mod:`lightning_peft.files.adapterhub`), with its prediction head if it has one."""
+    if (folder / adapterhub.FUSION_CONFIG).is_file():  # an AdapterFusion layer
+        fusion_file = next((folder / n for n in adapterhub.FUSION_WEIGHTS if (folder / n).is_file()), None)
+        if fusion_file is None:
+            raise FileNotFoundError(f"path={str(folder)!r} holds no {' or '.join(adapterhub.FUSION_WEIGHTS)}")
+        config = read_json(folder / adapterhub.FUSION_CONFIG)
+        fusion, tensors = adapterhub.fusion_from_files(config, _load_any(fusion_file), str(fusion_file))
+        return AdapterFile(
+            source=str(fusion_file), methods=[fusion], tensors=tensors, key_format="adapterhub"
+        )
+    weights_file = adapterhub.weights_file(folder)
+    if weights_file is None:
+        raise FileNotFoundError(f"path={str(folder)!r} holds no {' or '.join(adapterhub.WEIGHTS_FILES)}")
+    head_file = next((folder / n for n in adapterhub.HEAD_WEIGHTS if (folder / n).is_file()), None)
+    head = None
+    if head_file is not None and (folder / adapterhub.HEAD_CONFIG).is_file():
+        head = (read_json(folder / adapterhub.HEAD_CONFIG), _load_any(head_file))
+    config = read_json(folder / ADAPTER_CONFIG)
+    methods, converted = adapterhub.methods_and_tensors(
+        config, _load_any(weights_file), str(weights_file), head
+    )
+    return AdapterFile(source=str(weights_file), methods=methods, tensors=converted, key_format="adapterhub")
+
+
+def _load_any(path: Path) -> dict[str, torch.Tensor]:
+    return _load_tensors(path) if path.suffix == ".safetensors" else _load_bin(path)
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save`` file of tensors, read with ``weights_only=True``: a pickled object is refused, never built."""
+    with refusing_pickles(path):
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
+    return dict(data)
 
 
 def _header_meta(weights_file: Path) -> str | None:

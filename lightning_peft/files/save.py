@@ -24,6 +24,7 @@ from lightning_peft.core.base_model import base_model as find_base_model
 from lightning_peft.core.quantized import standard_layout_everywhere
 from lightning_peft.core.record import DEFAULT_ADAPTER_NAME, attached_methods, get_record, is_attached
 from lightning_peft.distributed.strategies import check_saveable, is_global_zero
+from lightning_peft.files import adapterhub
 from lightning_peft.files.atomic import replace_folder
 from lightning_peft.files.fingerprint import fingerprint_metadata
 from lightning_peft.files.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_VERSION, METADATA_KEY
@@ -142,13 +143,19 @@ def adapter_file_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @accepts_inner_model  # issue 20: also given a module inside the one PEFT was attached to
-def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, path: PathLike, adapter_name: str | None = None, format: str = "lightning_peft"
+) -> Path:
     """Write adapters of ``model`` to the folder ``path`` in HF PEFT's layout: ``adapter_model.safetensors``
     holding only the adapter's tensors (and ``modules_to_save``), and ``adapter_config.json``. No pickle is
     involved. With ``adapter_name`` that adapter goes to ``path``; without, every loaded adapter is written,
     ``"default"`` (or the first) at ``path`` and each other one in the sub-folder ``path/<name>``.
 
+    ``format="adapterhub"`` writes AdapterHub's layout instead (:mod:`lightning_peft.files.adapterhub`).
+
     Collective under FSDP2 (it gathers sharded tensors): call it on every rank; rank 0 writes."""
+    if format not in ("lightning_peft", "adapterhub"):
+        raise ValueError(f"save_adapter: format must be 'lightning_peft' or 'adapterhub', got {format!r}")
     if not is_attached(model):
         raise ValueError(f"save_adapter: no PEFT method is attached to this {type(model).__name__}")
     check_saveable(model)
@@ -162,7 +169,10 @@ def save_adapter(model: nn.Module, path: PathLike, adapter_name: str | None = No
         destinations = {root: folder, **{n: folder / n for n in names if n != root}}
     for name, destination in destinations.items():
         with only_adapter(model, name):
-            _save_one(model, destination)
+            if format == "adapterhub":
+                adapterhub.save_folder(model, destination, name)
+            else:
+                _save_one(model, destination)
     return folder
 
 

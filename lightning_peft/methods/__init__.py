@@ -7,6 +7,7 @@ from lightning_peft.methods.adapter import Adapter
 from lightning_peft.methods.base import PEFTLayer, PEFTMethod
 from lightning_peft.methods.bitfit import BitFit
 from lightning_peft.methods.dora import DoRA
+from lightning_peft.methods.fusion import AdapterFusion
 from lightning_peft.methods.ia3 import IA3
 from lightning_peft.methods.lora import LoRA
 from lightning_peft.methods.prefix import PrefixTuning
@@ -20,6 +21,7 @@ from lightning_peft.methods.registry import (
 
 __all__ = [
     "Adapter",
+    "AdapterFusion",
     "BitFit",
     "DoRA",
     "IA3",

@@ -18,6 +18,7 @@ The activation makes the adapter nonlinear, so it cannot be folded into the base
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,6 +37,13 @@ from lightning_peft.core.targeting import (
     is_linear_like,
     linear_dims,
     wrap_target,
+)
+from lightning_peft.methods.adapter_block import (
+    BLOCK_PARTS,
+    RESIDUAL_CHOICES,
+    BlockAdapterLayer,
+    BlockLayout,
+    is_output_block,
 )
 from lightning_peft.methods.base import (
     AdapterLinear,
@@ -75,6 +83,11 @@ def output_features(module: nn.Module) -> int | None:
 
 def is_adapter_target(module: nn.Module) -> bool:
     return output_features(module) is not None
+
+
+def is_block_target(module: nn.Module) -> bool:
+    """A projection or a post-LayerNorm output block (the targets of block-layout adapters)."""
+    return is_adapter_target(module) or is_output_block(module)
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -181,10 +194,43 @@ class Adapter(PEFTMethod):
     False for "pfeiffer"."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter, e.g. ["classifier"] for a new head."""
+    original_ln_before: bool = False
+    """Pfeiffer's layout (AdapterHub's seq_bn): the adapter reads the sub-layer's output after its residual add
+    and LayerNorm. This and the options below put the adapter inside the block LN(dropout(dense(x)) + r)
+    (post-LayerNorm models such as BERT: the parent of each target must have dense, dropout and LayerNorm);
+    formulas in lightning_peft/methods/adapter_block.py."""
+    residual_before_ln: bool | str = True
+    """The adapter's own residual with original_ln_before: True (the sub-layer output before the residual
+    add), "post_add" (after the add, before the LayerNorm) or False (after the LayerNorm)."""
+    parallel: bool = False
+    """Parallel adapter (He et al. 2022): the adapter reads the sub-layer's input and its output is added to
+    the sub-layer's output, LN(h + A(r) + r)."""
+    scaling: float = 1.0
+    """Factor s on the adapter's output, s · W_up act(W_down h) (4.0 in AdapterHub's par_bn)."""
+    ln_before: bool = False
+    """A trained LayerNorm on the adapter's input."""
+    ln_after: bool = False
+    """A trained LayerNorm on the adapter's output."""
+    adapter_residual_before_ln: bool = False
+    """With ln_after: add the adapter's residual before that LayerNorm instead of after it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self.placement, "placement", PLACEMENTS)
+        if self.residual_before_ln not in RESIDUAL_CHOICES:
+            raise ValueError(
+                f"residual_before_ln must be True, False or 'post_add', got {self.residual_before_ln!r}"
+            )
+        if self.residual_before_ln == "post_add" and not self.original_ln_before:
+            raise ValueError(
+                "residual_before_ln='post_add' needs original_ln_before=True (there is no add before)"
+            )
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
+            raise ValueError(f"scaling must be a number, got {self.scaling!r}")
+        if self.parallel and self.original_ln_before:
+            raise ValueError(
+                "parallel=True reads the sub-layer's input: it cannot also have original_ln_before=True"
+            )
         check_choice(self.activation, "activation", tuple(ACTIVATIONS))
         if self.bottleneck_size is not None:
             check_positive_int(self.bottleneck_size, "bottleneck_size")
@@ -206,6 +252,20 @@ class Adapter(PEFTMethod):
 
     # -- resolved settings ----------------------------------------------------------------------------------
     @property
+    def layout(self) -> BlockLayout | None:
+        """The block layout, or ``None`` for the plain adapter on the projection's output."""
+        layout = BlockLayout(
+            self.original_ln_before,
+            self.residual_before_ln,
+            self.parallel,
+            float(self.scaling),
+            self.ln_before,
+            self.ln_after,
+            self.adapter_residual_before_ln,
+        )
+        return None if layout == BlockLayout() else layout
+
+    @property
     def layernorms_trained(self) -> bool:
         return self.placement == "houlsby" if self.train_layernorms is None else self.train_layernorms
 
@@ -226,21 +286,29 @@ class Adapter(PEFTMethod):
                 f"{len(ADAPTER_PLACEMENT)} model types have defaults, listed in lightning_peft/core/default_targets.py"
             )
         attention_out, ffn_out = ADAPTER_PLACEMENT[model_type]
-        return [attention_out, ffn_out] if self.placement == "houlsby" else [ffn_out]
+        targets = [attention_out, ffn_out] if self.placement == "houlsby" else [ffn_out]
+        if self.layout is not None:  # the blocks around the projections (another adapter may wrap a dense)
+            targets = [re.sub(r"(\\\.|\.)dense$", "", t) for t in targets]
+        return targets
 
     # -- the interface --------------------------------------------------------------------------------------
     def plan(self, model: nn.Module) -> ModuleTargets:
+        layout = self.layout
         targets = find_targets(
             model,
             self.resolved_targets(model),
             self.exclude_modules,
-            supported=is_adapter_target,
-            supported_desc="nn.Linear, transformers Conv1D or a Linear-like module with an integer out_features",
+            supported=is_adapter_target if layout is None else is_block_target,
+            supported_desc="nn.Linear, transformers Conv1D or a Linear-like module with an integer out_features"
+            + ("" if layout is None else ", or an output block with dense, dropout and LayerNorm"),
             method=type(self).__name__,
         )
+        if layout is not None:  # the adapter goes around the output block: the target or the target's parent
+            targets = list(dict.fromkeys(self.output_block(model, name) for name in targets))
         for name in targets:
-            features = output_features(model.get_submodule(name))
-            assert features is not None  # guaranteed by find_targets(supported=is_adapter_target)
+            module = innermost(model.get_submodule(name))
+            features = output_features(module.dense if layout is not None else module)
+            assert features is not None  # guaranteed by find_targets(supported=...)
             if self.bottleneck_for(features) < 1:
                 raise ValueError(
                     f"reduction_factor={self.reduction_factor or DEFAULT_REDUCTION_FACTOR} leaves no bottleneck "
@@ -249,11 +317,32 @@ class Adapter(PEFTMethod):
                 )
         return targets
 
+    def output_block(self, model: nn.Module, name: str) -> str:
+        """The output block an adapter with a block layout goes around: ``name`` itself or its parent."""
+        if is_output_block(innermost(model.get_submodule(name))):
+            return name
+        parent, _, child = name.rpartition(".")
+        parent = block_path(parent)
+        if parent and child == "dense" and is_output_block(innermost(model.get_submodule(parent))):
+            return parent
+        raise ValueError(
+            "Adapter(original_ln_before/parallel/scaling/ln_before/ln_after...): these place the adapter inside the "
+            f"output block LN(dropout(dense(x)) + r), so each target must be such a block (a module with "
+            f"{', '.join(BLOCK_PARTS)}, as in BERT or RoBERTa) or its dense child; {name!r} in "
+            f"{model_description(model)} is neither"
+        )
+
     def inject(self, model: nn.Module, targets: ModuleTargets) -> None:
+        layout, act = self.layout, ACTIVATIONS[self.activation]
         for name in targets:
-            features = output_features(innermost(model.get_submodule(name)))
+            module = innermost(model.get_submodule(name))
+            features = output_features(module.dense if layout is not None else module)
             assert features is not None
             size = self.bottleneck_for(features)
+            if layout is not None:
+                make = lambda base, size=size: BlockAdapterLayer(base, size, act(), layout)  # noqa: E731
+                wrap_target(model, name, make)
+                continue
             wrap_target(model, name, lambda base, size=size: self.layer_class(base, size, self.activation))
         if not self.layernorms_trained:
             return
@@ -267,6 +356,11 @@ class Adapter(PEFTMethod):
             local = [n for n, _ in norm.named_parameters(recurse=False) if n in ("weight", "bias")]
             if local:
                 mark_trainable(model, norm, *local)
+
+
+def block_path(name: str) -> str:
+    """The path of an output block without other adapters' wrapper infixes (its outermost wrapper's path)."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
 
 
 def layernorms_near(model: nn.Module, targets: ModuleTargets) -> list[nn.Module]:

@@ -27,7 +27,7 @@ from lightning_peft.ops.resolve import accepts_inner_model
 from lightning_peft.ops.routing import BASE_NAME
 
 #: methods that can be one of several named adapters (see the module docstring)
-STACKABLE = ("lora", "dora", "ia3", "adapter")
+STACKABLE = ("lora", "dora", "ia3", "adapter", "adapter_fusion")
 #: methods that may be active together: their updates add up, so the order of the layers does not matter
 ADDITIVE = ("lora",)
 

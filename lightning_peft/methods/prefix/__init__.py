@@ -87,12 +87,14 @@ class PrefixTuning(PEFTMethod):
     (HF PEFT has none there; they are saved as encoder_prompt_embeddings, which HF PEFT does not read)."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter, e.g. ["classifier"] for a new head."""
+    shift_positions: bool = True
+    """Real tokens at positions P…P+S-1 behind the prefix (HF PEFT), or 0…S-1 if False (AdapterHub)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self.num_virtual_tokens, "num_virtual_tokens")
         check_positive_int(self.encoder_hidden_size, "encoder_hidden_size")
-        for argument in ("prefix_projection", "cross_attention_prefix", "encoder_prefix"):
+        for argument in ("prefix_projection", "cross_attention_prefix", "encoder_prefix", "shift_positions"):
             if not isinstance(getattr(self, argument), bool):
                 raise ValueError(f"{argument} must be true or false, got {getattr(self, argument)!r}")
 
@@ -147,6 +149,7 @@ class PrefixTuning(PEFTMethod):
             self.encoder_hidden_size,
             wraps_outer,
         )
+        layer.shift_positions = self.shift_positions
         if seq2seq:
             layer.cross_attention_prefix = self.cross_attention_prefix
         replace_module(model, name, layer)

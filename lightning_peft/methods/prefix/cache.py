@@ -152,3 +152,20 @@ def remove_hooks(owner: nn.Module, backbone: nn.Module) -> None:
     for module, key in _hooks_of(owner, backbone):
         del module._forward_pre_hooks[key]
         module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def place_positions(
+    kwargs: dict[str, Any], p: int, shift: bool, start: int, shape: tuple[int, int], device: torch.device
+) -> None:
+    """Position ids for the real tokens behind a P-long prefix, in ``kwargs``: shifted by P (``shift``, HF
+    PEFT's layout; absent ids are left to the model, which counts from the cache length, P included), else
+    unshifted: ``start … start+S-1`` (AdapterHub's layout)."""
+    given = kwargs.get("position_ids")
+    if shift:
+        if given is not None:
+            kwargs["position_ids"] = given + p
+    elif given is None:
+        batch, length = shape
+        kwargs["position_ids"] = torch.arange(start, start + length, device=device).expand(
+            batch, -1
+        )  # (B, S)

@@ -17,6 +17,7 @@ from lightning_peft.methods._virtual_tokens import (
     prepend_ones,
 )
 from lightning_peft.methods.base import AdapterLinear
+from lightning_peft.methods.prefix import cache as prefix_cache
 from lightning_peft.methods.prefix.cache import has_hooks, install_hooks, make_read_only, remove_hooks
 from lightning_peft.methods.prefix.interface import InterfacePrefix
 from lightning_peft.methods.prefix.seq2seq import (
@@ -68,6 +69,7 @@ class PrefixLayer(VirtualTokenLayer):
 
     peft_names: ClassVar[dict[str, str]] = {"prompt_embeddings": "prompt_embeddings"}
     shared_across_layers: ClassVar[bool] = True
+    shift_positions = True  # PrefixTuning.shift_positions
 
     def __init__(
         self,
@@ -180,8 +182,7 @@ class PrefixLayer(VirtualTokenLayer):
             # encoders size their mask from it, so make the all-ones mask explicit
             mask = torch.ones(batch, past - p + length, dtype=torch.long, device=device)
         kwargs["attention_mask"] = prepend_ones(mask, p)  # (B, P + past real + S)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + p
+        prefix_cache.place_positions(kwargs, p, self.shift_positions, past - p, (batch, length), device)
         kwargs[self._cache_key] = cache
         self.layers_used = set()
         name = type(self.base_layer).__name__
