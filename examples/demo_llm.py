@@ -10,7 +10,8 @@
 4. score again, answer two chat messages, save the adapter from the transformers model inside the
    LightningModule, check it for serving engines, and merge it into a plain transformers folder.
 
-About 10 minutes on 2 free CPU cores (the training alone took 353 s for 120 steps when issue 20 was filed). ``--steps`` and ``--val-size`` make it shorter.
+About 10 minutes on 2 free CPU cores (the training alone took 353 s for 120 steps when issue 20 was filed).
+``--steps`` and ``--val-size`` make it shorter.
 """
 
 from __future__ import annotations
