@@ -4,12 +4,14 @@
 2. score it zero-shot on 100 SST-2 validation sentences asked as a chat question ("positive or negative?
    Answer with one word."): by the log-probabilities of the answer word's first token, and by greedy
    generation;
-3. train LoRA (r=8, alpha 16, q/k/v/o projections) for 100 steps of 8 conversations with ``PEFTCallback`` on
+3. train LoRA (r=8, alpha 16, dropout 0.05, q/k/v/o projections; lr 1e-3, 10% warm-up) for 120 steps of 8
+   conversations (examples/configs/smollm2_sft_lora.yaml's recipe) with ``PEFTCallback`` on
    ``lightning_peft.tasks.CausalLMSFT`` + ``ChatDataModule`` (loss on the answer tokens only);
 4. score again, answer two chat messages, save the adapter from the transformers model inside the
    LightningModule, check it for serving engines, and merge it into a plain transformers folder.
 
-About 10 minutes on 2 free CPU cores. ``--steps`` and ``--val-size`` make it shorter.
+About 10 minutes on 2 free CPU cores (the training alone took 353 s for 120 steps when issue 20 was filed).
+``--steps`` and ``--val-size`` make it shorter.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of 8 conversations")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps of 8 conversations")
     parser.add_argument("--val-size", type=int, default=100, help="validation sentences scored")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--output", default=None, help="where to write adapter/ and merged/ (default: temp)")
@@ -97,7 +99,7 @@ def main() -> None:
     before = score(module.model, tokenizer, examples, "zero-shot")
     chat(module.model, tokenizer)
 
-    method = LoRA(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    method = LoRA(r=8, alpha=16, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     trainer = pl.Trainer(
         max_steps=args.steps,
         callbacks=[PEFTCallback(method)],

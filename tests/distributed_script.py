@@ -449,6 +449,8 @@ def run_script(out: Path, mode: str, timeout: float = 900) -> list[dict[str, Any
 
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    # this checkout's package, not whichever copy is installed (an editable install may point elsewhere)
+    env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parents[1]), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), mode],
         env=env,
