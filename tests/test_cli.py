@@ -252,12 +252,16 @@ def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def test_console_script_fit_then_classify_from_any_directory(tmp_path: Path) -> None:
+def test_console_script_fit_then_classify_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # outside a checkout the data sets are found through LIGHTNING_PEFT_DATA (the default is relative to the cwd)
+    monkeypatch.setenv("LIGHTNING_PEFT_DATA", str(ROOT.parent / "shared" / "data"))
     script = Path(sys.executable).parent / "lightning-peft"
     if not script.is_file():
         pytest.skip("the lightning-peft console script is not installed (pip install -e .)")
     config = str(CONFIGS / "sst2_lora.yaml")
-    # cwd: the logger's save_dir "runs" is relative to it; the data default is not
+    # cwd: the logger's save_dir "runs" is relative to it
     _run([str(script), "fit", "--config", config, *short(tmp_path)[2:]], cwd=tmp_path)
     adapters = list((tmp_path / "runs" / "sst2_lora").glob("version_*/adapter"))
     assert len(adapters) == 1
