@@ -31,6 +31,7 @@ from lightning_peft.tasks.chat_format import (
     ChatExample,
     EncodedExample,
     bbc_news_examples,
+    choice_first_tokens,
     encode_chat,
     fit_classification_examples,
     read_jsonl,
@@ -185,10 +186,9 @@ class ChatDataModule(pl.LightningDataModule):
         examples = self.splits.get(split) or []
         if not examples or not examples[0].choices or any(e.choices != examples[0].choices for e in examples):
             return None
-        ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in examples[0].choices]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"the choices {examples[0].choices} do not start with distinct tokens: {ids}")
-        return ids
+        first = examples[0]
+        messages = [{"role": "user", "content": "?"}]  # only the template's answer position matters
+        return choice_first_tokens(self.tokenizer, messages, first.choices)
 
     def train_dataloader(self) -> DataLoader:
         """Length-grouped (optionally packed) batches tagged with their accumulation window's answer tokens."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_peft.tasks.chat_format import IGNORE_INDEX, ChatExample
+from lightning_peft.tasks.chat_format import IGNORE_INDEX, ChatExample, choice_first_tokens
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ def accuracy_by_first_token(
             logits = model(input_ids=enc["input_ids"].to(device), attention_mask=mask, position_ids=positions)
             logits = logits.logits[:, -1]  # (B, V)
             for e, row in zip(chunk, logits):
-                ids = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in e.choices]
+                ids = choice_first_tokens(tokenizer, _prompt_messages(e), e.choices)
                 right += int(int(row[ids].argmax()) == e.answer)
     finally:
         model.train(was_training)

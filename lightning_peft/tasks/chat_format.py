@@ -198,6 +198,21 @@ def encode_chat(tokenizer: Any, example: ChatExample, max_length: int | None = N
     return EncodedExample(ids, labels, prompt_length, list(example.choices), example.answer)
 
 
+def choice_first_tokens(tokenizer: Any, prompt: list[dict[str, str]], choices: list[str]) -> list[int]:
+    """The first token of each choice as the chat template renders it as the answer to ``prompt`` (in context:
+    a tokenizer may add a leading space marker to a word that starts a text on its own)."""
+    start = len(render(tokenizer, prompt, generation_prompt=True))
+    ids = []
+    for choice in choices:
+        full = render(tokenizer, [*prompt, {"role": "assistant", "content": choice}])
+        if len(full) <= start:
+            raise ValueError(f"the chat template renders no token for the answer {choice!r}")
+        ids.append(full[start])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the choices {choices} do not start with distinct tokens: {ids}")
+    return ids
+
+
 def truncate_text(tokenizer: Any, text: str, max_tokens: int) -> str:
     """``text`` cut to its first ``max_tokens`` tokens (decoded back), for questions about long documents."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
