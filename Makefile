@@ -32,11 +32,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 setup: $(STAMP)
 
 $(AH_STAMP):
-	$(PY) -m venv $(AH_VENV)
-	$(AH_VENV)/bin/python -m pip install -q --upgrade pip
-	$(AH_VENV)/bin/python -c "import torch" 2>/dev/null || $(AH_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(AH_VENV)/bin/python -m pip install -q transformers==4.57.6 adapters==1.3.0 safetensors
-	touch $(AH_STAMP)
+	@echo "setup: creating $(AH_VENV) (AdapterHub's adapters 1.3.0 on transformers 4.57.6: the test oracle)"
+	@$(PY) -m venv $(AH_VENV)
+	@$(AH_VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+	@$(AH_VENV)/bin/python -c "import torch" 2>/dev/null || $(AH_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	@$(AH_VENV)/bin/python -m pip install -q --disable-pip-version-check transformers==4.57.6 adapters==1.3.0 safetensors
+	@touch $(AH_STAMP)
 
 $(AH_VENV): $(AH_STAMP)
 
