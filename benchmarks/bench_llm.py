@@ -204,8 +204,11 @@ def memory_worker(name: str, batch: int, model_name: str = "smollm2") -> dict[st
     step()
     first = _status_kib("VmHWM") * 1024 - before
     before = _reset_peak()
+    # resident memory before the step split into anonymous (tensors) and file-backed (mmapped weight files) pages
+    split = {f"before_{k.lower()}_mib": _status_kib(k) / 1024 for k in ("RssAnon", "RssFile")}
     step()
     return {
+        **split,
         "variant": name,
         "model": model_name,
         "first_step_peak_delta_mib": first / 2**20,
