@@ -179,7 +179,12 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any]:
     times = common.interleaved(steps, repeats=args.rounds, warmup=1)
     ratio = common.paired(times["lightning-peft"].wall, times["peft"].wall)
     cpu_ratio = common.paired(times["lightning-peft"].cpu, times["peft"].cpu)
-    memory = {name: run_worker(["--memory-worker", name, "--batch", str(args.batch)]) for name in steps}
+    memory = {
+        name: run_worker(
+            ["--memory-worker", name, "--batch", str(args.batch), "--threads", str(args.threads)]
+        )
+        for name in steps
+    }
     result = {"step_wall_ratio": ratio, "step_cpu_ratio": cpu_ratio, "memory": memory}
     print(json.dumps(result, indent=2), flush=True)
     return result
@@ -199,12 +204,16 @@ def memory_worker(name: str, batch: int, model_name: str = "smollm2") -> dict[st
     step()
     first = _status_kib("VmHWM") * 1024 - before
     before = _reset_peak()
+    # resident memory before the step split into anonymous (tensors) and file-backed (mmapped weight files) pages
+    split = {f"before_{k.lower()}_mib": _status_kib(k) / 1024 for k in ("RssAnon", "RssFile")}
     step()
     return {
+        **split,
         "variant": name,
         "model": model_name,
         "first_step_peak_delta_mib": first / 2**20,
         "steady_step_peak_delta_mib": (_status_kib("VmHWM") * 1024 - before) / 2**20,
+        "steady_step_peak_mib": _status_kib("VmHWM") / 1024,
         "resident_mib": _status_kib("VmRSS") / 1024,
     }
 
@@ -261,14 +270,13 @@ def bench_packing(args: argparse.Namespace) -> dict[str, Any]:
         n: sum(int((b["labels"] != -100).sum() + 0) for b in bs)
         for n, bs in (("padded", padded), ("packed", packed))
     }
-    real = {
-        n: sum(
-            int(
-                b["attention_mask"].bool().sum() if b["attention_mask"].dim() == 2 else b["input_ids"].numel()
-            )
-            for b in bs
-        )
-        for n, bs in (("padded", padded), ("packed", packed))
+    # Both layouts hold the same conversations, so the same real tokens: the padded batches' attention-mask sum.
+    # (A packed batch's mask is (B, 1, L, L) and its numel counts the packed rows' padding too: "positions".)
+    if tokens["padded"] != tokens["packed"]:
+        raise RuntimeError(f"the layouts differ in answer tokens: {tokens}")
+    real = dict.fromkeys(("padded", "packed"), sum(int(b["attention_mask"].sum()) for b in padded))
+    positions = {
+        n: sum(b["input_ids"].numel() for b in bs) for n, bs in (("padded", padded), ("packed", packed))
     }
     seconds = {}
     for name, batches in (("padded", padded), ("packed", packed)):
@@ -283,6 +291,8 @@ def bench_packing(args: argparse.Namespace) -> dict[str, Any]:
         "loss": losses,
         "answer_tokens": tokens,
         "tokens": real,
+        "positions": positions,
+        "steps": {"padded": len(padded), "packed": len(packed)},
         "seconds": seconds,
         "tokens_per_second": rate,
         "packed_over_padded": rate["packed"] / rate["padded"],
@@ -295,13 +305,20 @@ def bench_qlora(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for model_name in args.models:
         rows = {
-            v: run_worker(["--memory-worker", v, "--model", model_name, "--batch", str(args.batch)])
+            v: run_worker(
+                ["--memory-worker", v, "--model", model_name, "--batch", str(args.batch)]
+                + ["--threads", str(args.threads)]
+            )
             for v in ("lora", "qlora")
         }
-        ratio = None
+        ratios: dict[str, float | None] = {"step_delta": None, "process_peak": None}
         if all("error" not in r for r in rows.values()):
-            ratio = rows["qlora"]["steady_step_peak_delta_mib"] / rows["lora"]["steady_step_peak_delta_mib"]
-        results[model_name] = {**rows, "qlora_over_lora": ratio}
+            ratios = {
+                key: rows["qlora"][f"steady_step_peak{suffix}_mib"]
+                / rows["lora"][f"steady_step_peak{suffix}_mib"]
+                for key, suffix in (("step_delta", "_delta"), ("process_peak", ""))
+            }
+        results[model_name] = {**rows, "qlora_over_lora": ratios}
         print(json.dumps(results[model_name], indent=2), flush=True)
     return results
 
