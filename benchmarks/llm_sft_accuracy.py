@@ -15,7 +15,9 @@ PEFT's file layout), and ``PeftModel.from_pretrained(..., is_trainable=True)`` s
     python benchmarks/llm_sft_accuracy.py --table runs/llm_sft                  # the markdown table
 
 Runs: zero-shot, lora, dora, ia3, pfeiffer, houlsby, prefix, prompt, bitfit, qlora, and peft-<one of lora,
-dora, ia3, prefix, prompt, qlora>. Each writes ``<output>/<run>.json``.
+dora, ia3, prefix, prompt, qlora>. Each writes ``<output>/<run>.json``. A ``bbc-`` prefix (``bbc-zero-shot``,
+``bbc-lora``) runs the same recipe unchanged on BBC News topics as a chat task (five one-word answers; articles
+shortened to fit ``max_length``; ``python benchmarks/prepare_bbc_news.py`` first).
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ def recipe(run: str) -> tuple[lp.PEFTMethod, dict[str, Any], dict[str, Any], int
 def score(model: torch.nn.Module, tokenizer: Any, examples: list) -> dict[str, float]:
     start = time.perf_counter()
     by_token = accuracy_by_first_token(model, tokenizer, examples, batch_size=16)
-    by_generation, answers = accuracy_by_generation(model, tokenizer, examples, max_new_tokens=3, batch_size=16)
+    by_generation, answers = accuracy_by_generation(
+        model, tokenizer, examples, max_new_tokens=3, batch_size=16
+    )
     return {
         "acc_logprob": by_token,
         "acc_generation": by_generation,
@@ -97,15 +101,25 @@ class SaveInitial(pl.Callback):
 
 
 def run_one(run: str, output: Path, val_size: int) -> dict[str, Any]:
-    library = "peft" if run.startswith("peft-") else "lightning_peft"
-    name = run.removeprefix("peft-")
+    dataset = "bbc_news" if run.startswith("bbc-") else "sst2"
+    library = "peft" if run.removeprefix("bbc-").startswith("peft-") else "lightning_peft"
+    name = run.removeprefix("bbc-").removeprefix("peft-")
     method, model_args, data_args, max_steps = recipe("lora" if name == "zero-shot" else name)
     pl.seed_everything(SEED, verbose=False)
-    data = ChatDataModule(**{**data_args, "val_size": val_size})
-    rows = read_table(table_file(default_data_dir("sst2"), "validation"))[:val_size]
-    examples = sst2_examples(rows)
+    data = ChatDataModule(**{**data_args, "dataset": dataset, "val_size": val_size})
+    if dataset == "sst2":
+        rows = read_table(table_file(default_data_dir("sst2"), "validation"))[:val_size]
+        examples = sst2_examples(rows)
+    else:  # the data module's own conversion: articles shortened so the answer fits max_length
+        examples = data._examples("validation", val_size)
     module = CausalLMSFT(**model_args)
-    result: dict[str, Any] = {"run": run, "library": library, "method": type(method).__name__, "val_size": val_size}
+    result: dict[str, Any] = {
+        "run": run,
+        "dataset": dataset,
+        "library": library,
+        "method": type(method).__name__,
+        "val_size": val_size,
+    }
     if name == "zero-shot":
         return {**result, "method": "none", **score(module.model, data.tokenizer, examples)}
     result.update(lr=model_args["lr"], max_steps=max_steps, batch_size=data_args["batch_size"])
@@ -113,9 +127,11 @@ def run_one(run: str, output: Path, val_size: int) -> dict[str, Any]:
     if library == "peft":
         from peft import PeftModel
 
-        init = output / f"{name}-init"
+        init = output / f"{run.replace('peft-', '')}-init"
         if not (init / "adapter_config.json").is_file():
-            raise SystemExit(f"run {name!r} first: {init} holds the initial adapter the HF PEFT run starts from")
+            raise SystemExit(
+                f"run {name!r} first: {init} holds the initial adapter the HF PEFT run starts from"
+            )
         module.model = PeftModel.from_pretrained(module.model, str(init), is_trainable=True)
         module.model.train()
     else:
@@ -125,7 +141,7 @@ def run_one(run: str, output: Path, val_size: int) -> dict[str, Any]:
             except ValueError as error:
                 return {**result, "refused": str(error)}
             lp.remove_peft(module.model)
-        callbacks = [lp.PEFTCallback(method), SaveInitial(output / f"{name}-init")]
+        callbacks = [lp.PEFTCallback(method), SaveInitial(output / f"{run}-init")]
     trainer = pl.Trainer(
         max_steps=max_steps,
         callbacks=callbacks,
@@ -147,7 +163,7 @@ def run_one(run: str, output: Path, val_size: int) -> dict[str, Any]:
 
 def table(folder: Path) -> str:
     results = {r["run"]: r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json")))}
-    order = ["zero-shot", *RUNS]
+    order = ["zero-shot", *RUNS, "bbc-zero-shot", "bbc-lora"]
     lines = [
         "| method | lr | trainable params | log-prob acc | greedy acc | HF PEFT log-prob | HF PEFT greedy "
         "| train s (ours / PEFT) |",
@@ -175,8 +191,11 @@ def table(folder: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", choices=["zero-shot", *RUNS, *(f"peft-{r}" for r in PEFT_RUNS)])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sst2_runs = ["zero-shot", *RUNS, *(f"peft-{r}" for r in PEFT_RUNS)]
+    parser.add_argument("--run", choices=[*sst2_runs, *(f"bbc-{r}" for r in sst2_runs)])
     parser.add_argument("--output", default="runs/llm_sft")
     parser.add_argument("--val-size", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None)

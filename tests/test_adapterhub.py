@@ -341,6 +341,19 @@ def test_saving_what_adapterhub_cannot_express_is_refused(
     assert not (tmp_path / "out").exists()
 
 
+def test_saving_a_model_adapterhub_has_no_names_for_is_refused_naming_it(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = LlamaForCausalLM(config)
+    lp.apply_peft(model, lp.LoRA(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM \(model_type='llama'\).*'bert'"):
+        lp.save_adapter(model, tmp_path / "out", format="adapterhub")
+    assert not (tmp_path / "out").exists()
+
+
 def load_fusion(folder: Path) -> Any:
     """The oracle's base with AdapterHub's adapters fa, fb and their fusion (named "fusion", active)."""
     model = base_model(folder.parent)

@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_peft.core.base_model import base_model, base_prefix, model_type_of, name_or_path
 from lightning_peft.core.record import attached_methods
-from lightning_peft.files.adapterhub.config import ACTIVATIONS, ATTN_MATRICES
+from lightning_peft.files.adapterhub.config import ACTIVATIONS, ATTN_MATRICES, MODEL_TYPES
 from lightning_peft.files.adapterhub.tensors import clean_name
 from lightning_peft.methods.adapter import Adapter
 from lightning_peft.methods.adapter_block import BlockAdapterLayer
@@ -80,6 +80,12 @@ def adapterhub_files(
     tensors, or ``None``) for the adapter ``name`` of ``model``. ``modules_to_save=["classifier"]`` is written as
     AdapterHub's static head (the model's own classifier); other modules_to_save are refused."""
     methods = attached_methods(model) or []
+    model_type = model_type_of(model)
+    if model_type not in MODEL_TYPES:  # AdapterHub's key names are mapped for these families only
+        raise ValueError(
+            f"save_adapter(format='adapterhub'): the model is a {type(model).__name__} "
+            f"(model_type={model_type!r}); AdapterHub's layout is written for model types {list(MODEL_TYPES)}"
+        )
     base = base_model(model)
     layers = int(getattr(base.config, "num_hidden_layers", 0))
     configs: list[dict[str, Any]] = []
