@@ -7,7 +7,9 @@
   unpacked one.
 * :class:`WindowedBatchSampler` groups examples of similar length into batches (shuffled by group) and tags
   each batch with the number of answer tokens of its whole gradient-accumulation window, which
-  :class:`~lightning_peft.tasks.causal_lm.CausalLMSFT` divides the summed token loss by.
+  :class:`~lightning_peft.tasks.causal_lm.CausalLMSFT` divides the summed token loss by. Under data
+  parallelism (DDP) every process builds the same epoch of batches from the seed and takes its share of each
+  window; the tag counts the window's answer tokens on all processes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from lightning_peft.tasks.chat_format import IGNORE_INDEX, EncodedExample
 
@@ -100,8 +103,21 @@ def answer_token_count(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
+def data_parallel(trainer: Any) -> tuple[int, int]:
+    """``(replicas, rank)``: how many processes each train on their own share of the data (and have their
+    gradients averaged) and this process's index among them; ``(1, 0)`` without a trainer or on one device.
+
+    Read from the strategy's ``distributed_sampler_kwargs`` (what Lightning would give a ``DistributedSampler``):
+    the data-parallel group, which is smaller than the world when a model is also split across processes."""
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+    if not kwargs:
+        return 1, 0
+    return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+
+
 class TaggedDataset(Dataset):
-    """Returns ``(item, window_tokens)`` for keys ``(index, window_tokens)`` produced by the sampler."""
+    """Returns the ``(item, window_tokens)`` pairs of one batch key, a list of ``(index, window_tokens)``
+    produced by :class:`WindowedBatchSampler` (used with ``DataLoader(batch_size=None)``)."""
 
     def __init__(self, items: Sequence[Any]) -> None:
         self.items = items
@@ -109,13 +125,24 @@ class TaggedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
-        index, window_tokens = key
-        return self.items[index], window_tokens
+    def __getitem__(self, keys: Sequence[tuple[int, int]]) -> list[tuple[Any, int]]:
+        return [(self.items[index], window_tokens) for index, window_tokens in keys]
 
 
-class WindowedBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of indices, optionally grouped by length, each index tagged with its window's answer tokens.
+class WindowedBatchSampler(DistributedSampler[list[tuple[int, int]]]):
+    """Whole batches of indices, optionally grouped by length, each index tagged with its window's answer tokens.
+
+    It yields batches, so it goes into a ``DataLoader`` as ``sampler`` with ``batch_size=None``. It shards the
+    data itself (``num_replicas``/``rank``), which is why it is a ``DistributedSampler``: Lightning leaves a
+    loader whose sampler is one as it is, even with ``Trainer(use_distributed_sampler=True)``, and calls its
+    ``set_epoch`` before every epoch.
+
+    Every process computes the same epoch of batches (same seed). If their number is not a multiple of
+    ``num_replicas``, the largest batches are split in two until it is (when every batch holds one item, the
+    first batches are repeated instead, as ``DistributedSampler`` repeats items), so all processes get the same
+    number of batches. A window is ``accumulate * num_replicas`` consecutive batches; process ``rank`` takes
+    every ``num_replicas``-th of them, starting at its rank. Each batch is tagged with the answer tokens of its
+    whole window, all processes included.
 
     Args:
         lengths: token length of every item.
@@ -125,9 +152,11 @@ class WindowedBatchSampler(Sampler[list[tuple[int, int]]]):
         group_by_length: sort items by length inside chunks of ``batch_size * group_factor`` (after
             shuffling), cut the chunks into batches and shuffle the batches, so that a batch holds similar
             lengths (less padding) while the order of batches stays random.
-        accumulate: batches per gradient-accumulation window (set from the trainer before each epoch).
+        accumulate: batches per gradient-accumulation window and process (set from the trainer).
         seed: base seed of the shuffles.
         group_factor: batches per length-sorting chunk.
+        num_replicas: data-parallel processes (set from the trainer).
+        rank: this process's index among them.
     """
 
     def __init__(
@@ -140,24 +169,32 @@ class WindowedBatchSampler(Sampler[list[tuple[int, int]]]):
         accumulate: int = 1,
         seed: int = 0,
         group_factor: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"rank must be in [0, num_replicas) with num_replicas >= 1, got num_replicas={num_replicas!r}, "
+                f"rank={rank!r}"
+            )
+        # sets num_replicas, rank, shuffle, seed and epoch = 0 (its num_samples/total_size are unused here)
+        super().__init__(list(lengths), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.lengths = list(lengths)
         self.answer_tokens = list(answer_tokens)
         self.batch_size = batch_size
-        self.shuffle = shuffle
         self.group_by_length = group_by_length
         self.accumulate = accumulate
-        self.seed = seed
         self.group_factor = group_factor
-        self.epoch = 0
 
     def __len__(self) -> int:
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        """Batches per epoch on this process (the same on every process)."""
+        batches = (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        return (batches + self.num_replicas - 1) // self.num_replicas
 
     def batches(self, epoch: int) -> list[list[int]]:
-        """The batches (lists of item indices) of ``epoch``, in order."""
+        """The batches (lists of item indices) of ``epoch`` on all processes together, in order."""
         rng = random.Random(self.seed + epoch)
         order = list(range(len(self.lengths)))
         if self.shuffle:
@@ -173,12 +210,31 @@ class WindowedBatchSampler(Sampler[list[tuple[int, int]]]):
             rng.shuffle(batches)
         return batches
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        batches = self.batches(self.epoch)
-        self.epoch += 1
-        k = max(int(self.accumulate), 1)
-        for w in range(0, len(batches), k):
-            window = batches[w : w + k]
+    def _even(self, batches: list[list[int]]) -> list[list[int]]:
+        """``batches`` made a multiple of ``num_replicas`` long: split the (first) largest batch in two while
+        one holds two items or more, else repeat the first batches."""
+        batches = list(batches)
+        while len(batches) % self.num_replicas:
+            big = max(range(len(batches)), key=lambda b: len(batches[b]))  # the first of the largest
+            if len(batches[big]) < 2:
+                return batches + batches[: -len(batches) % self.num_replicas]
+            half = len(batches[big]) // 2
+            batches[big : big + 1] = [batches[big][:half], batches[big][half:]]
+        return batches
+
+    def local_batches(self, epoch: int) -> list[tuple[list[int], int]]:
+        """This process's batches of ``epoch``, each with the answer tokens of its window on all processes."""
+        batches = self._even(self.batches(epoch))
+        span = max(int(self.accumulate), 1) * self.num_replicas
+        out: list[tuple[list[int], int]] = []
+        for w in range(0, len(batches), span):
+            window = batches[w : w + span]  # a multiple of num_replicas long: every process gets its share
             tokens = sum(self.answer_tokens[i] for batch in window for i in batch)
-            for batch in window:
-                yield [(i, tokens) for i in batch]
+            out += [(batch, tokens) for batch in window[self.rank :: self.num_replicas]]
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        local = self.local_batches(self.epoch)
+        self.epoch += 1  # a new order next time, also without set_epoch (Lightning calls it every epoch)
+        for batch, tokens in local:
+            yield [(i, tokens) for i in batch]

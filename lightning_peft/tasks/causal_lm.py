@@ -11,7 +11,12 @@ micro-batch's mean instead would weight tokens of short-answer batches more). Li
 ``training_step`` returns by ``accumulate_grad_batches`` before ``backward``; the step multiplies by it to
 compensate. ``N_window`` comes with the batch (``num_answer_tokens``, set by
 :class:`~lightning_peft.tasks.chat_data.ChatDataModule`); a batch without it is normalised by its own count.
-On several devices each process normalises by its own window count and DDP averages the processes.
+
+Under data parallelism (DDP) with ``R`` processes a window is every process's micro-batches together and
+``N_window`` counts the answer tokens on all of them. DDP *averages* the processes' gradients, so each process
+multiplies its summed loss by ``R``: ``L_r = R * sum_{its tokens} -log p / N_window``, whose average over the
+processes is ``L_window`` of the union batch. The logged ``train_loss`` is the answer-token mean of the
+micro-step on all processes (their summed losses and counts are added up).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torchmetrics import MeanMetric
 
 from lightning_peft.core.base_model import set_activation_checkpointing
 from lightning_peft.packaged_models import resolve_model_path
+from lightning_peft.tasks.batching import data_parallel
 from lightning_peft.tasks.chat_eval import first_token_choice
 from lightning_peft.tasks.chat_format import IGNORE_INDEX
 from lightning_peft.tasks.common import linear_warmup_decay, quantization_kwargs
@@ -131,13 +137,19 @@ class CausalLMSFT(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Summed answer-token loss over the accumulation window's answer-token count (see the module doc)."""
         total, count = summed_token_loss(self(**batch).logits, batch["labels"])
+        replicas = data_parallel(self._trainer)[0]
         window = batch.get("num_answer_tokens")
         if window is None:  # no window count: this micro-batch's own mean
             loss = total / count.clamp(min=1)
-        else:  # Lightning divides by accumulate_grad_batches: multiply it back
-            loss = total * self._accumulation() / torch.as_tensor(window).clamp(min=1).to(total.device)
-        n = int(count)
-        self.log("train_loss", total.detach() / max(n, 1), prog_bar=True, batch_size=max(n, 1))
+        else:  # Lightning divides by accumulate_grad_batches and DDP averages the replicas: multiply both back
+            scale = self._accumulation() * replicas
+            loss = total * scale / torch.as_tensor(window).clamp(min=1).to(total.device)
+        stats = torch.stack([total.detach(), count.to(total.dtype)])  # (2,): summed loss, answer tokens
+        if replicas > 1:  # the micro-step's tokens on every process (a token mean, not a mean of means)
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        n = max(int(stats[1]), 1)
+        # already the same value on every process: no sync_dist needed
+        self.log("train_loss", stats[0] / n, prog_bar=True, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

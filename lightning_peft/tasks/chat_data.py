@@ -24,6 +24,7 @@ from lightning_peft.tasks.batching import (
     TaggedDataset,
     WindowedBatchSampler,
     collate_packed,
+    data_parallel,
     pack_examples,
     pad_batch,
 )
@@ -191,7 +192,11 @@ class ChatDataModule(pl.LightningDataModule):
         return choice_first_tokens(self.tokenizer, messages, first.choices)
 
     def train_dataloader(self) -> DataLoader:
-        """Length-grouped (optionally packed) batches tagged with their accumulation window's answer tokens."""
+        """Length-grouped (optionally packed) batches tagged with their accumulation window's answer tokens.
+
+        Under data parallelism (DDP) each process takes its share of every window (the sampler is a
+        ``DistributedSampler``, so Lightning does not put its own in) and the tag counts the window on all
+        processes (see :class:`~lightning_peft.tasks.batching.WindowedBatchSampler`)."""
         hp = self.hparams
         items: list[EncodedExample] | list[PackedRow] = self.splits["train"]
         if hp.packing:
@@ -200,12 +205,22 @@ class ChatDataModule(pl.LightningDataModule):
         answers = [i.num_answer_tokens for i in items]
         trainer = getattr(self, "trainer", None)
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) if trainer is not None else 1
+        replicas, rank = data_parallel(trainer)
         self._sampler = WindowedBatchSampler(
-            lengths, answers, hp.batch_size, hp.shuffle, hp.group_by_length, accumulate, hp.seed
+            lengths,
+            answers,
+            hp.batch_size,
+            hp.shuffle,
+            hp.group_by_length,
+            accumulate,
+            hp.seed,
+            num_replicas=replicas,
+            rank=rank,
         )
         return DataLoader(
             TaggedDataset(items),
-            batch_sampler=self._sampler,
+            sampler=self._sampler,  # yields whole batches: no automatic batching
+            batch_size=None,
             collate_fn=partial(_tagged_collate, pad_id=self.pad_id, packed=hp.packing),
             num_workers=hp.num_workers,
         )
