@@ -115,21 +115,14 @@ def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def sft_batches(
-    tokenizer: Any, batch: int, count: int, packed: bool = False, length: int = 128
-) -> list[dict[str, torch.Tensor]]:
-    """SST-2 training conversations as padded batches (or packed rows) built by lightning_peft.tasks."""
-    from lightning_peft.tasks.batching import collate_packed, pack_examples, pad_batch
-    from lightning_peft.tasks.chat_format import encode_chat, sst2_examples
-    from lightning_peft.tasks.common import default_data_dir
-    from lightning_peft.tasks.tsv_data import read_table, table_file
+def sft_batches(tokenizer: Any, batch: int, count: int, length: int = 128) -> list[dict[str, torch.Tensor]]:
+    """SST-2 training conversations as dynamically padded batches built by lightning_peft.tasks."""
+    from llm_packing import encoded_conversations
 
-    rows = read_table(table_file(default_data_dir("sst2"), "train"))[: batch * count]
-    encoded = [e for e in (encode_chat(tokenizer, x, length) for x in sst2_examples(rows)) if e is not None]
+    from lightning_peft.tasks.batching import pad_batch
+
+    encoded = encoded_conversations(tokenizer, batch * count, length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if packed:
-        items = pack_examples(encoded, length)
-        return [collate_packed(items[i : i + batch], pad) for i in range(0, len(items), batch)]
     return [pad_batch(encoded[i : i + batch], pad) for i in range(0, len(encoded), batch)]
 
 
