@@ -150,6 +150,7 @@ def bench_packing(args: argparse.Namespace, module: torch.nn.Module, tokenizer: 
                 "cpu_ratio": common.paired(times[n].cpu, times["packed"].cpu),
                 "ceiling": density["packed"] / density[n],
                 "per_round": [b / p for b, p in zip(times[n].wall, times["packed"].wall)],
+                "cpu_per_round": [b / p for b, p in zip(times[n].cpu, times["packed"].cpu)],
             }
             for n in ("fixed", "dynamic", "grouped")
         },
