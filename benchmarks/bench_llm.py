@@ -6,14 +6,16 @@
     against HF PEFT on the same base, batch and initial adapter: interleaved rounds, the median of each round's
     time ratio; and the peak resident memory of a step above the memory before it (Linux ``VmHWM``), each
     variant in its own process.
-``--packing``: tokens (non-padding) per second of training steps with packed rows against padded batches of
-    the same conversations, and the mean answer-token loss of both layouts (the same up to float error).
+``--packing``: real (non-padding) tokens per second of training passes with best-fit packed rows against
+    three paddings of the same conversations (to ``--max-length``, dynamic, dynamic length-grouped):
+    interleaved rounds, the median of each round's ratio; the real-token fraction and the mean answer-token
+    loss of every layout (the same up to float error). See ``llm_packing.py``.
 ``--qlora``: peak step memory of QLoRA (NF4 with double quantization, activation checkpointing) against fp32
     LoRA, on SmolLM2 and on a randomly initialised ~1B Llama built from a config (``--models``).
 
     python benchmarks/bench_llm.py --generate
     python benchmarks/bench_llm.py --step --rounds 6 --batch 4
-    python benchmarks/bench_llm.py --packing --rows 64
+    python benchmarks/bench_llm.py --packing --rows 64 --batch 4 --rounds 3
     python benchmarks/bench_llm.py --qlora --models smollm2 llama-1b
 """
 
@@ -25,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -114,21 +115,14 @@ def bench_generate(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def sft_batches(
-    tokenizer: Any, batch: int, count: int, packed: bool = False, length: int = 128
-) -> list[dict[str, torch.Tensor]]:
-    """SST-2 training conversations as padded batches (or packed rows) built by lightning_peft.tasks."""
-    from lightning_peft.tasks.batching import collate_packed, pack_examples, pad_batch
-    from lightning_peft.tasks.chat_format import encode_chat, sst2_examples
-    from lightning_peft.tasks.common import default_data_dir
-    from lightning_peft.tasks.tsv_data import read_table, table_file
+def sft_batches(tokenizer: Any, batch: int, count: int, length: int = 128) -> list[dict[str, torch.Tensor]]:
+    """SST-2 training conversations as dynamically padded batches built by lightning_peft.tasks."""
+    from llm_packing import encoded_conversations
 
-    rows = read_table(table_file(default_data_dir("sst2"), "train"))[: batch * count]
-    encoded = [e for e in (encode_chat(tokenizer, x, length) for x in sst2_examples(rows)) if e is not None]
+    from lightning_peft.tasks.batching import pad_batch
+
+    encoded = encoded_conversations(tokenizer, batch * count, length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if packed:
-        items = pack_examples(encoded, length)
-        return [collate_packed(items[i : i + batch], pad) for i in range(0, len(items), batch)]
     return [pad_batch(encoded[i : i + batch], pad) for i in range(0, len(encoded), batch)]
 
 
@@ -250,55 +244,10 @@ def qlora_variant(name: str, model_name: str) -> tuple[nn.Module, Any]:
 
 
 def bench_packing(args: argparse.Namespace) -> dict[str, Any]:
-    from lightning_peft.tasks.causal_lm import summed_token_loss
+    import llm_packing
 
     base, tokenizer = smollm2()
-    module = sft_module(variant("lightning-peft", base))
-    padded = sft_batches(tokenizer, args.batch, args.rows // args.batch)
-    packed = sft_batches(tokenizer, args.batch, args.rows // args.batch, packed=True)
-    losses = {}
-    with torch.no_grad():
-        module.eval()
-        for name, batches in (("padded", padded), ("packed", packed)):
-            total = count = 0.0
-            for b in batches:
-                s, n = summed_token_loss(module(**b).logits, b["labels"])
-                total, count = total + float(s), count + int(n)
-            losses[name] = total / count
-        module.train()
-    tokens = {
-        n: sum(int((b["labels"] != -100).sum() + 0) for b in bs)
-        for n, bs in (("padded", padded), ("packed", packed))
-    }
-    # Both layouts hold the same conversations, so the same real tokens: the padded batches' attention-mask sum.
-    # (A packed batch's mask is (B, 1, L, L) and its numel counts the packed rows' padding too: "positions".)
-    if tokens["padded"] != tokens["packed"]:
-        raise RuntimeError(f"the layouts differ in answer tokens: {tokens}")
-    real = dict.fromkeys(("padded", "packed"), sum(int(b["attention_mask"].sum()) for b in padded))
-    positions = {
-        n: sum(b["input_ids"].numel() for b in bs) for n, bs in (("padded", padded), ("packed", packed))
-    }
-    seconds = {}
-    for name, batches in (("padded", padded), ("packed", packed)):
-        step = step_fn(module, batches)
-        step()  # warm-up
-        start = time.perf_counter()
-        for _ in range(len(batches)):
-            step()
-        seconds[name] = time.perf_counter() - start
-    rate = {n: real[n] / seconds[n] for n in seconds}
-    result = {
-        "loss": losses,
-        "answer_tokens": tokens,
-        "tokens": real,
-        "positions": positions,
-        "steps": {"padded": len(padded), "packed": len(packed)},
-        "seconds": seconds,
-        "tokens_per_second": rate,
-        "packed_over_padded": rate["packed"] / rate["padded"],
-    }
-    print(json.dumps(result, indent=2), flush=True)
-    return result
+    return llm_packing.bench_packing(args, sft_module(variant("lightning-peft", base)), tokenizer)
 
 
 def bench_qlora(args: argparse.Namespace) -> dict[str, Any]:
@@ -344,6 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rows", type=int, default=64, help="conversations for --packing")
+    parser.add_argument("--max-length", type=int, default=128, help="--packing: tokens per conversation")
+    parser.add_argument(
+        "--pack-length",
+        type=int,
+        default=None,
+        help="--packing: tokens per packed row (default --max-length)",
+    )
     parser.add_argument("--models", nargs="+", default=["smollm2", "llama-1b"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
