@@ -81,10 +81,8 @@ def test_test_step_scores_the_test_file_exactly_like_validation(tiny: dict[str, 
     two = ChatDataModule(**files, test_file=str(tiny["test"]), test_size=2)
     two.setup("test")
     assert [e.answer for e in two.splits["test"]] == [0, 1]
-    none = ChatDataModule(**files)
-    none.setup("test")
     with pytest.warns(UserWarning, match="no test split"):
-        assert none.test_dataloader() == []
+        assert quiet_trainer().test(module, ChatDataModule(**files), verbose=False) == []
 
 
 def test_sst2_test_split_is_test_tsv(tmp_path: Path) -> None:
