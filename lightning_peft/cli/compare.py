@@ -39,8 +39,10 @@ FULL = "full"
 #: glibc returns freed tensors to the system at once, so the peak resident set tracks what training holds
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false"}
 
-#: built-in method presets: (class_path, init_args, learning rate); modules_to_save comes from the YAML
-PRESETS: dict[str, tuple[str | None, dict[str, Any], float]] = {
+Preset = tuple[str | None, dict[str, Any], float]
+#: built-in method presets for classification models: (class_path, init_args, learning rate), the learning rates
+#: the winners of a sweep on MiniLM / SST-2 validation (benchmarks/RESULTS.md); modules_to_save comes from the YAML
+PRESETS: dict[str, Preset] = {
     FULL: (None, {}, 1e-4),
     "lora": ("lightning_peft.LoRA", {"r": 8, "alpha": 16, "dropout": 0.1}, 1e-3),
     "dora": ("lightning_peft.DoRA", {"r": 8, "alpha": 16, "dropout": 0.1}, 3e-3),
@@ -51,6 +53,24 @@ PRESETS: dict[str, tuple[str | None, dict[str, Any], float]] = {
     "prompt": ("lightning_peft.PromptTuning", {"num_virtual_tokens": 20, "init": "vocab"}, 3e-2),
     "bitfit": ("lightning_peft.BitFit", {}, 3e-3),
 }
+#: presets for chat SFT (a ``CausalLMSFT`` model): the recipes of examples/configs/smollm2_sft_<method>.yaml
+#: (houlsby: the adapter recipe with Houlsby's placement); full fine-tuning and BitFit, which have no SFT recipe,
+#: keep the classification presets' rates
+SFT_PRESETS: dict[str, Preset] = {
+    FULL: PRESETS[FULL],
+    "lora": ("lightning_peft.LoRA", {"r": 8, "alpha": 16, "dropout": 0.05}, 1e-3),
+    "dora": ("lightning_peft.DoRA", {"r": 8, "alpha": 16, "dropout": 0.05}, 1e-3),
+    "ia3": ("lightning_peft.IA3", {}, 3e-2),
+    "adapter": ("lightning_peft.Adapter", {"placement": "pfeiffer", "bottleneck_size": 16}, 3e-3),
+    "houlsby": ("lightning_peft.Adapter", {"placement": "houlsby", "bottleneck_size": 16}, 3e-3),
+    "prefix": ("lightning_peft.PrefixTuning", {"num_virtual_tokens": 20}, 1e-2),
+    "prompt": ("lightning_peft.PromptTuning", {"num_virtual_tokens": 20, "init": "vocab"}, 3e-2),
+    "bitfit": PRESETS["bitfit"],
+}
+#: model classes whose configs get SFT_PRESETS (subclasses too)
+SFT_MODEL = "lightning_peft.tasks.CausalLMSFT"
+#: init_args that tell two presets of one class apart (Pfeiffer/Houlsby adapters), with the class default
+IDENTITY_ARGS = {"placement": "pfeiffer"}
 #: init_args copied from the YAML's own method into every preset that accepts them
 SHARED_ARGS = {"modules_to_save": None, "target_modules": ("lora", "dora")}
 
@@ -119,13 +139,66 @@ def peft_entry(config: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def is_sft(config: dict[str, Any]) -> bool:
+    """Whether the config's model is a :class:`~lightning_peft.tasks.CausalLMSFT` (or a subclass)."""
+    class_path = str((config.get("model") or {}).get("class_path") or "")
+    if class_path.rsplit(".", 1)[-1] == SFT_MODEL.rsplit(".", 1)[-1]:
+        return True
+    if "." not in class_path or class_path.startswith("lightning_peft."):
+        return False
+    import importlib
+
+    from lightning_peft.tasks import CausalLMSFT
+
+    if os.getcwd() not in sys.path:  # as in the worker: the user's modules resolve from the working directory
+        sys.path.insert(0, os.getcwd())
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False  # the worker reports the bad class_path
+    return isinstance(cls, type) and issubclass(cls, CausalLMSFT)
+
+
+def presets_for(config: dict[str, Any]) -> dict[str, Preset]:
+    """The preset table for the config's task: chat SFT or classification."""
+    return SFT_PRESETS if is_sft(config) else PRESETS
+
+
+def is_own_method(preset: Preset, own: dict[str, Any] | None) -> bool:
+    """Whether the YAML's own method (``own``, None for no PEFTCallback) is the preset's method."""
+    class_path, init_args, _ = preset
+    if class_path is None or own is None:
+        return class_path is None and own is None
+    if str(own.get("class_path", "")).rsplit(".", 1)[-1] != class_path.rsplit(".", 1)[-1]:
+        return False
+    args = own.get("init_args") or {}
+    return all(args.get(k, default) == init_args.get(k, default) for k, default in IDENTITY_ARGS.items())
+
+
+def model_lr(config: dict[str, Any], default: float) -> float:
+    """``model.init_args.lr`` of the config, else ``default``."""
+    return float(((config.get("model") or {}).get("init_args") or {}).get("lr", default))
+
+
 def method_entry(name: str, base: dict[str, Any], lr_overrides: dict[str, float]) -> tuple[Any, float]:
-    """``(method config dict or None for full fine-tuning, learning rate)`` for a preset or a YAML file."""
+    """``(method config dict or None for full fine-tuning, learning rate)`` for a preset or a YAML file.
+
+    For chat SFT configs the preset of the YAML's own method is that method and learning rate, unchanged
+    (``compare`` trains what ``fit --config`` trains); the other presets come from :data:`SFT_PRESETS`.
+    """
     if name in PRESETS:
-        class_path, init_args, lr = PRESETS[name]
+        sft = is_sft(base)
+        preset = (SFT_PRESETS if sft else PRESETS)[name]
+        class_path, init_args, lr = preset
+        entry = peft_entry(base)
+        own_entry = entry if isinstance(entry, dict) else None  # not a list of combined methods
         method = None
-        if class_path is not None:
-            own = (peft_entry(base) or {}).get("init_args") or {}
+        if sft and (entry is None or own_entry is not None) and is_own_method(preset, own_entry):
+            method = copy.deepcopy(own_entry)
+            lr = model_lr(base, lr)
+        elif class_path is not None:
+            own = (own_entry or {}).get("init_args") or {}
             args = dict(init_args)
             for key, only in SHARED_ARGS.items():
                 if key in own and (only is None or name in only):
@@ -134,7 +207,7 @@ def method_entry(name: str, base: dict[str, Any], lr_overrides: dict[str, float]
     else:
         other = yaml.safe_load(Path(name).read_text())
         method = peft_entry(other)
-        lr = float(((other.get("model") or {}).get("init_args") or {}).get("lr", 1e-3))
+        lr = model_lr(other, 1e-3)
     return method, lr_overrides.get(run_label(name), lr)
 
 
@@ -194,6 +267,9 @@ def main(argv: Sequence[str]) -> int:
     plan = [(seed, method) for seed in args.seeds for method in args.methods]
     results: list[dict[str, Any]] = []
     print(f"lightning-peft compare: {len(plan)} runs ({len(args.methods)} methods x {len(args.seeds)} seeds)")
+    if any(m in PRESETS for m in args.methods):
+        which = "chat SFT (CausalLMSFT)" if is_sft(base) else "classification"
+        print(f"presets: the {which} recipes", flush=True)
     for index, (seed, method) in enumerate(plan, start=1):
         label = run_label(method)
         entry, lr = method_entry(method, base, args.lr)
@@ -241,11 +317,21 @@ def main(argv: Sequence[str]) -> int:
 
 
 def summary_line(result: dict[str, Any]) -> str:
-    def pct(value: float | None) -> str:
-        return "n/a" if value is None else f"{100 * value:.1f}%"
+    """One run in a line: its metrics, step time and trainable parameters, or why the method refused."""
+    if result.get("refused"):
+        return f"refused: {result['refused']}"
 
+    def show(key: str) -> str:
+        value = result.get(key)
+        if value is None:
+            return "n/a"
+        return f"{100 * value:.1f}%" if key.endswith("acc") else f"{value:.4f}"
+
+    # accuracy where the task has one (classification, chat answers with choices), else the loss
+    val = "val_acc" if result.get("val_acc") is not None else "val_loss"
+    test = "test_acc" if result.get("test_acc") is not None else "test_loss"
     return (
-        f"val {pct(result.get('val_acc'))}, test {pct(result.get('test_acc'))}, "
+        f"{val.replace('_', ' ')} {show(val)}, {test.replace('_', ' ')} {show(test)}, "
         f"{result['step_ms']:.0f} ms/step, {result['trainable']:,} trainable"
     )
 

@@ -1,7 +1,8 @@
 """One run of ``lightning-peft compare``, in its own process: train, validate, test once, measure.
 
 The process is fresh for every run, so its peak memory belongs to that run alone. Results go to the JSON
-file named in the spec; nothing is written there unless the run finished.
+file named in the spec; nothing is written there unless the run finished, or its method refused the model at
+attach (then the result records the refusal and its reason, and nothing is trained).
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_peft.core.record import is_attached
 from lightning_peft.files.save import save_adapter
 from lightning_peft.library_noise import silence_known_noise
+from lightning_peft.lightning.callback import PEFTCallback
+from lightning_peft.ops.attach import plan_methods
 from lightning_peft.ops.merging import merge_adapter, unmerge_adapter
 from lightning_peft.ops.parameters import count_parameters
 
@@ -83,17 +87,36 @@ def median_ms(call: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
     return 1000 * statistics.median(times)
 
 
+def first_eval_batch(datamodule: Any) -> Any:
+    """The first test batch, else the first validation batch (data without a test split); None without both."""
+    for name in ("test_dataloader", "val_dataloader"):
+        loader = getattr(datamodule, name)()
+        if isinstance(loader, list):  # no such split (or several loaders: the first)
+            loader = loader[0] if loader else None
+        if loader is not None:
+            for batch in loader:
+                return batch
+    return None
+
+
 def inference_latency(
     model: pl.LightningModule, datamodule: Any, repeats: int
 ) -> tuple[float | None, float | None]:
-    """Median ms of ``predict_step`` on the first test batch: unmerged, then merged (None: not mergeable)."""
-    batch = next(iter(datamodule.test_dataloader()))
+    """Median ms of ``predict_step`` (or, for a module without one such as ``CausalLMSFT``, its forward pass)
+    on the first test batch: unmerged, then merged (None: not mergeable or no batch)."""
+    batch = first_eval_batch(datamodule)
+    if batch is None:
+        return None, None
     batch = pl.utilities.move_data_to_device(batch, model.device)
     model.eval()
+    own_predict = is_overridden("predict_step", model, pl.LightningModule)
 
     def call() -> None:
         with torch.no_grad():
-            model.predict_step(batch, 0)
+            if own_predict or not isinstance(batch, dict):
+                model.predict_step(batch, 0)
+            else:  # Lightning's default predict_step would pass the batch dict positionally
+                model(**batch)
 
     unmerged = median_ms(call, repeats)
     if not is_attached(model):
@@ -111,6 +134,20 @@ def weights_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+def refusal(model: pl.LightningModule, trainer: pl.Trainer) -> str | None:
+    """Why the run's methods refuse this model at attach (the ``ValueError`` of PEFTCallback's validation,
+    which touches nothing), or None. A module that builds its layers in ``configure_model`` is not checked
+    here: its refusal surfaces from ``fit`` as an error."""
+    callback = next((c for c in trainer.callbacks if isinstance(c, PEFTCallback)), None)
+    if callback is None or is_overridden("configure_model", model, pl.LightningModule):
+        return None
+    try:
+        plan_methods(model, callback.methods, callback.lifecycle.adapter_name)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def run_worker(spec_file: Path) -> int:
     from lightning_peft.cli.lightning_cli import PEFTLightningCLI
 
@@ -122,11 +159,18 @@ def run_worker(spec_file: Path) -> int:
     cli = PEFTLightningCLI(args=spec["config"], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
+    refused = refusal(model, trainer)
+    if refused is not None:
+        print(f"lightning-peft compare: {spec['method']} refuses {type(model).__name__}: {refused}")
+        record = {k: spec[k] for k in ("method", "seed", "lr", "spec_hash")}
+        Path(spec["result"]).write_text(json.dumps({**record, "refused": refused, **_stamp(model)}, indent=2))
+        return 0
     started = time.perf_counter()
     trainer.fit(model, datamodule=data)
     train_seconds = time.perf_counter() - started
-    val = trainer.validate(model, datamodule=data, verbose=False)[0]
-    test = trainer.test(model, datamodule=data, verbose=False)[0]
+    # without a validation (test) split Lightning runs nothing and returns no metrics
+    val = (trainer.validate(model, datamodule=data, verbose=False) or [{}])[0]
+    test = (trainer.test(model, datamodule=data, verbose=False) or [{}])[0]
     run_dir = Path(spec["result"]).with_suffix("")
     if is_attached(model):
         folder = save_adapter(model, run_dir / "adapter")
@@ -146,6 +190,8 @@ def run_worker(spec_file: Path) -> int:
         "trainable_pct": counts.percent,
         "val_acc": _metric(val, spec["val_metric"]),
         "test_acc": _metric(test, spec["test_metric"]),
+        "val_loss": _metric(val, "val_loss"),
+        "test_loss": _metric(test, "test_loss"),
         "steps": trainer.global_step,
         "step_ms": 1000 * statistics.median(steps) if steps else float("nan"),
         "train_seconds": train_seconds,
@@ -157,12 +203,18 @@ def run_worker(spec_file: Path) -> int:
         "adapter_is_full_model": not is_attached(model),
         "latency_unmerged_ms": unmerged_ms,
         "latency_merged_ms": merged_ms,
+        **_stamp(model),
+    }
+    Path(spec["result"]).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _stamp(model: pl.LightningModule) -> dict[str, Any]:
+    return {
         "device": str(model.device),
         "torch_threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    Path(spec["result"]).write_text(json.dumps(result, indent=2))
-    return 0
 
 
 def _metric(metrics: dict[str, Any], name: str) -> float | None:

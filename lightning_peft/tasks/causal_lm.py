@@ -114,6 +114,7 @@ class CausalLMSFT(pl.LightningModule):
         if activation_checkpointing:
             set_activation_checkpointing(self.model, use_reentrant=False)
         self.val_acc = MeanMetric()
+        self.test_acc = MeanMetric()
 
     def forward(self, **batch: Any) -> Any:
         """The wrapped model's output; a 4-D boolean ``attention_mask`` (packing) becomes an additive mask."""
@@ -152,19 +153,28 @@ class CausalLMSFT(pl.LightningModule):
         self.log("train_loss", stats[0] / n, prog_bar=True, batch_size=n)
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """``val_loss`` per answer token; ``val_acc`` for classification tasks (first answer token's
+    def _evaluate(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
+        """``<prefix>_loss`` per answer token; ``<prefix>_acc`` for classification tasks (first answer token's
         log-probabilities among the choices' first tokens)."""
         logits = self(**batch).logits
         total, count = summed_token_loss(logits, batch["labels"])
         n = max(int(count), 1)
-        self.log("val_loss", total / n, prog_bar=True, batch_size=n)
+        self.log(f"{prefix}_loss", total / n, prog_bar=True, batch_size=n)
         if "choice_token_ids" in batch:
             known = batch["choice_index"] >= 0
             preds = first_token_choice(logits, batch["labels"], batch["choice_token_ids"])
             if bool(known.any()):
-                self.val_acc.update((preds[known] == batch["choice_index"][known]).float())
-                self.log("val_acc", self.val_acc, prog_bar=True, batch_size=int(known.sum()))
+                accuracy = self.val_acc if prefix == "val" else self.test_acc
+                accuracy.update((preds[known] == batch["choice_index"][known]).float())
+                self.log(f"{prefix}_acc", accuracy, prog_bar=True, batch_size=int(known.sum()))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """``val_loss`` per answer token; ``val_acc`` for classification tasks."""
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """``test_loss`` and ``test_acc``, exactly as validation computes ``val_loss`` and ``val_acc``."""
+        self._evaluate(batch, "test")
 
     def configure_optimizers(self) -> Any:
         """AdamW (with the optional linear warm-up/decay schedule, stepped per optimizer step)."""

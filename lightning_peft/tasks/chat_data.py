@@ -70,14 +70,17 @@ class ChatDataModule(pl.LightningDataModule):
     Args:
         train_file: JSONL training file (``messages`` or ``prompt``/``completion`` records); or use ``dataset``.
         val_file: JSONL validation file (optional with ``train_file``).
+        test_file: JSONL test file (optional with ``train_file``), read only by ``trainer.test``.
         dataset: ``"sst2"`` or ``"bbc_news"``: the TSV files of ``data_dir`` turned into one-word chat answers
             ("Is the sentiment of this sentence positive or negative? Answer with one word." → "positive").
-        data_dir: folder of ``dataset``'s ``train``/``validation`` TSV files (default ``$LIGHTNING_PEFT_DATA/
+        data_dir: folder of ``dataset``'s ``train``/``validation``/``test`` TSV files (default ``$LIGHTNING_PEFT_DATA/
             <dataset>``, else ``../shared/data/<dataset>`` relative to the working directory).
         model_name_or_path: whose tokenizer and chat template to use (``"smollm2"`` = the packaged
             SmolLM2-135M-Instruct).
         train_size: use the first N training conversations (``None`` = all).
         val_size: validate on the first N validation conversations (``None`` = all).
+        test_size: test on the first N test conversations (``None`` = all). The test split is never used for
+            validation: only ``trainer.test`` reads it.
         batch_size: conversations (or packed rows) per batch.
         max_length: tokens per conversation (longer ones are cut; classification documents are shortened so
             the answer fits) and per packed row.
@@ -93,11 +96,13 @@ class ChatDataModule(pl.LightningDataModule):
         self,
         train_file: str | None = None,
         val_file: str | None = None,
+        test_file: str | None = None,
         dataset: str | None = None,
         data_dir: str | None = None,
         model_name_or_path: str | None = "smollm2",
         train_size: int | None = None,
         val_size: int | None = None,
+        test_size: int | None = None,
         batch_size: int = 8,
         max_length: int = 256,
         packing: bool = False,
@@ -113,7 +118,13 @@ class ChatDataModule(pl.LightningDataModule):
             )
         if dataset is not None and dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {list(DATASETS)} or None, got {dataset!r}")
-        for name, value in (("train_size", train_size), ("val_size", val_size)):
+        for name, value in (("val_file", val_file), ("test_file", test_file)):
+            if dataset is not None and value is not None:
+                raise ValueError(
+                    f"{name}={value!r} is for JSONL data (train_file); with dataset={dataset!r} every split comes "
+                    "from the TSV files of data_dir"
+                )
+        for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None (all rows), got {value!r}")
         if max_length < 2:
@@ -146,7 +157,7 @@ class ChatDataModule(pl.LightningDataModule):
         """The first ``size`` conversations of ``split`` (all when ``None``), read or converted."""
         hp = self.hparams
         if hp.dataset is None:
-            path = hp.train_file if split == "train" else hp.val_file
+            path = {"train": hp.train_file, "validation": hp.val_file, "test": hp.test_file}[split]
             return read_jsonl(path)[:size] if path else []
         rows = read_table(table_file(self.data_dir, split))[:size]  # convert only what is used
         if hp.dataset == "sst2":
@@ -172,14 +183,18 @@ class ChatDataModule(pl.LightningDataModule):
         return kept
 
     def setup(self, stage: str | None = None) -> None:
-        """Read, convert and tokenize the training and validation conversations."""
+        """Read, convert and tokenize the conversations ``stage`` needs: training and validation for fit and
+        validate, test for test (``None``: all of them)."""
         hp = self.hparams
-        if "train" in self.splits:
-            return
-        self.splits["train"] = self._encode(self._examples("train", hp.train_size), "train")
-        val = self._examples("validation", hp.val_size)
-        if val:
-            self.splits["validation"] = self._encode(val, "validation")
+        if stage in (None, "fit", "validate") and "train" not in self.splits:
+            self.splits["train"] = self._encode(self._examples("train", hp.train_size), "train")
+            val = self._examples("validation", hp.val_size)
+            if val:
+                self.splits["validation"] = self._encode(val, "validation")
+        if stage in (None, "test") and "test" not in self.splits:
+            test = self._examples("test", hp.test_size)  # dataset=...: test.tsv must exist
+            if test:
+                self.splits["test"] = self._encode(test, "test")
 
     def choice_token_ids(self, split: str = "validation") -> list[int] | None:
         """First token of each answer word when the split is a classification task with shared choices, else
@@ -225,15 +240,26 @@ class ChatDataModule(pl.LightningDataModule):
             num_workers=hp.num_workers,
         )
 
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            collate_fn=partial(collate_eval, pad_id=self.pad_id, choice_ids=self.choice_token_ids(split)),
+            num_workers=self.hparams.num_workers,
+        )
+
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches (never packed), with the choice tokens of classification tasks; none (an empty
         list, which Lightning skips) without ``val_file``."""
         if "validation" not in self.splits:
             return []
-        return DataLoader(
-            self.splits["validation"],
-            batch_size=self.hparams.batch_size,
-            shuffle=False,
-            collate_fn=partial(collate_eval, pad_id=self.pad_id, choice_ids=self.choice_token_ids()),
-            num_workers=self.hparams.num_workers,
-        )
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Test batches, like the validation batches; none (an empty list: ``trainer.test`` runs nothing and
+        returns no metrics) without ``test_file``."""
+        if "test" not in self.splits:
+            rank_zero_warn("ChatDataModule has no test split (test_file=None): nothing to test")
+            return []
+        return self._eval_loader("test")
