@@ -193,3 +193,21 @@ def test_load_peft_checkpoint_rebuilds_the_trained_model(entry: str, tmp_path: P
     batch = tiny_batch("bert")
     module.eval()
     torch.testing.assert_close(model_output(loaded.model, batch), model_output(module.model, batch))
+
+
+def test_only_a_users_own_configure_model_defers_attaching() -> None:
+    import lightning.pytorch as pl
+
+    from lightning_peft.lightning.lifecycle import user_configure_model
+
+    class Plain(pl.LightningModule):
+        pass
+
+    class Builds(pl.LightningModule):
+        def configure_model(self) -> None:
+            pass
+
+    # Lightning's own empty default (on ModelHooks) must not count: a refusal would be put off to a hook
+    # that never builds anything
+    assert not user_configure_model(Plain())
+    assert user_configure_model(Builds())

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.core.hooks import ModelHooks
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -224,8 +225,9 @@ def _loose_loading(module: nn.Module) -> None:
 
 
 def user_configure_model(module: nn.Module, skip: tuple[type, ...] = ()) -> bool:
-    """Whether a class of ``module`` other than ``LightningModule`` (and ``skip``) defines ``configure_model``."""
-    ignored = {pl.LightningModule, object, *skip}
+    """Whether a class of ``module`` other than Lightning's own (and ``skip``) defines ``configure_model``."""
+    # ModelHooks, a base of LightningModule, defines the empty default: it must not count as the user's
+    ignored = {pl.LightningModule, ModelHooks, object, *skip}
     return any("configure_model" in cls.__dict__ for cls in type(module).__mro__ if cls not in ignored)
 
 
