@@ -7,7 +7,11 @@ program keeps every message it had). What is silenced, and only that:
   loading a base model whose new task head is expected to be missing (:func:`quiet_model_loading`);
 * Lightning's "💡 Tip: ... litlogger" advertisement, printed at every ``Trainer`` creation;
 * the ``FutureWarning`` that torch raises inside Lightning's own ``_pytree`` helper
-  (``isinstance(treespec, LeafSpec)`` is deprecated): Lightning's code, nothing a user can act on.
+  (``isinstance(treespec, LeafSpec)`` is deprecated): Lightning's code, nothing a user can act on;
+* on a CPU with AVX512-BF16, offline: bitsandbytes' "Failed to load CPU gemm_4bit_forward from
+  kernels-community" and the ``kernels`` package's "Skipping publisher trust check", printed when bitsandbytes
+  is imported. That kernel only serves bitsandbytes' packed inference layout, which lightning-peft switches off
+  while an adapter is attached (``docs/methods/qlora.md``).
 
 Everything else stays: Lightning's progress bar, model summary and "GPU available" lines, lightning-peft's
 trainable-parameter line, and every warning about the user's own configuration.
@@ -39,12 +43,32 @@ class _DropAdvertisement(logging.Filter):
 _FILTER = _DropAdvertisement()
 
 
+class _DropMessages(logging.Filter):
+    """Drops records whose message contains one of ``fragments``."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in str(record.msg) for f in self.fragments)
+
+
+#: logger name -> the filter of its known noise
+_LIBRARY_FILTERS = {
+    "bitsandbytes.backends.cpu.ops": _DropMessages("Failed to load CPU gemm_4bit_forward"),
+    "kernels._internals.hf_hub": _DropMessages("Skipping publisher trust check"),
+}
+
+
 def silence_known_noise() -> None:
-    """Silence Lightning's litlogger tip and its internal ``_pytree`` deprecation warning (idempotent)."""
-    for name in _RANK_ZERO_LOGGERS:
+    """Silence Lightning's litlogger tip, its internal ``_pytree`` deprecation warning and bitsandbytes' offline
+    kernel messages (idempotent)."""
+    filters = {**dict.fromkeys(_RANK_ZERO_LOGGERS, _FILTER), **_LIBRARY_FILTERS}
+    for name, drop in filters.items():
         logger = logging.getLogger(name)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
+        if drop not in logger.filters:
+            logger.addFilter(drop)
     warnings.filterwarnings("ignore", message=_PYTREE_WARNING, category=FutureWarning)
 
 
