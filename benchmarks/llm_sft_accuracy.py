@@ -86,7 +86,7 @@ def score(model: torch.nn.Module, tokenizer: Any, examples: list) -> dict[str, f
         "acc_logprob": by_token,
         "acc_generation": by_generation,
         "score_s": time.perf_counter() - start,
-        "answers_sample": answers[:8],
+        "answers": answers,
     }
 
 
@@ -213,7 +213,7 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     result = run_one(args.run, output, args.val_size)
     (output / f"{args.run}.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "answers_sample"}), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "answers"}), flush=True)
 
 
 if __name__ == "__main__":
