@@ -55,6 +55,8 @@ RUNS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "pfeiffer": ("smollm2_sft_adapter.yaml", {"placement": "pfeiffer"}, None),
     "houlsby": ("smollm2_sft_adapter.yaml", {"placement": "houlsby"}, None),
     "prefix": ("smollm2_sft_prefix.yaml", {}, None),
+    # Li & Liang's reparametrisation: the prefix comes out of a 2-layer MLP during training
+    "prefix-projection": ("smollm2_sft_prefix.yaml", {"prefix_projection": True}, None),
     "prompt": ("smollm2_sft_prompt.yaml", {}, None),
     "qlora": ("smollm2_sft_qlora.yaml", {}, None),
     "bitfit": ("smollm2_sft_lora.yaml", {}, "lightning_peft.BitFit"),
