@@ -134,7 +134,20 @@ def run_one(run: str, output: Path, val_size: int) -> dict[str, Any]:
             raise SystemExit(
                 f"run {name!r} first: {init} holds the initial adapter the HF PEFT run starts from"
             )
-        module.model = PeftModel.from_pretrained(module.model, str(init), is_trainable=True)
+        if name in ("prefix", "prompt"):
+            # PeftModel.from_pretrained refuses is_trainable for prompt learning: build it from the saved
+            # config, then load the saved initial tensors into it
+            from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            module.model = get_peft_model(module.model, PeftConfig.from_pretrained(str(init)))
+            tensors = load_file(str(init / "adapter_model.safetensors"))
+            set_peft_model_state_dict(module.model, tensors)
+            loaded = module.model.prompt_encoder["default"].embedding.weight
+            if not torch.equal(loaded, tensors["prompt_embeddings"]):
+                raise SystemExit("HF PEFT did not take the initial prompt embeddings")
+        else:
+            module.model = PeftModel.from_pretrained(module.model, str(init), is_trainable=True)
         module.model.train()
     else:
         if name == "bitfit":  # Llama has no biases: expected to refuse at attach, with the reason
