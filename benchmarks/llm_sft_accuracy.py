@@ -92,6 +92,21 @@ def score(model: torch.nn.Module, tokenizer: Any, examples: list) -> dict[str, f
     }
 
 
+class _DropVirtualPositions(torch.nn.Module):
+    """HF PEFT's prompt tuning returns logits for its virtual tokens too (B, P + L, V); CausalLMSFT's loss takes
+    (B, L, V), which is what lightning-peft's prompt tuning returns. Training only: scoring uses the PEFT model."""
+
+    def __init__(self, model: torch.nn.Module, virtual: int) -> None:
+        super().__init__()
+        self.model = model
+        self.virtual = virtual
+
+    def forward(self, **inputs: Any) -> Any:
+        out = self.model(**inputs)
+        out.logits = out.logits[:, self.virtual :]  # (B, L, V)
+        return out
+
+
 class SaveInitial(pl.Callback):
     """Saves the adapter as it is before the first optimizer step (the HF PEFT run starts from it)."""
 
@@ -146,6 +161,8 @@ def run_one(run: str, output: Path, val_size: int) -> dict[str, Any]:
             loaded = module.model.prompt_encoder["default"].embedding.weight
             if not torch.equal(loaded, tensors["prompt_embeddings"]):
                 raise SystemExit("HF PEFT did not take the initial prompt embeddings")
+            if name == "prompt":
+                module.model = _DropVirtualPositions(module.model, tensors["prompt_embeddings"].shape[0])
         else:
             module.model = PeftModel.from_pretrained(module.model, str(init), is_trainable=True)
         module.model.train()
@@ -171,6 +188,8 @@ def run_one(run: str, output: Path, val_size: int) -> dict[str, Any]:
     trainer.fit(module, datamodule=data)
     result["train_s"] = time.perf_counter() - start
     result["train_loss_last"] = float(trainer.callback_metrics.get("train_loss", float("nan")))
+    if isinstance(module.model, _DropVirtualPositions):
+        module.model = module.model.model
     trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
     result["trainable_params"] = trainable
     return {**result, **score(module.model, data.tokenizer, examples)}
