@@ -121,14 +121,13 @@ def fit(tokenizer: Path, train: Path, name: str, devices: int, accumulate: int) 
 
 def run_script(out: Path, tokenizer: Path, train: Path, timeout: float = 600) -> None:
     """Run this script in a subprocess (it starts rank 1 itself); fails with its output's tail."""
-    import subprocess
+    from multiprocess import clean_env, run_distributed
 
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     # this checkout's package, not whichever copy is installed
+    env = clean_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parents[1]), env.get("PYTHONPATH", "")])
     command = [sys.executable, str(SCRIPT), str(out), str(tokenizer), str(train)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_distributed(command, env, timeout)
     assert proc.returncode == 0, f"{SCRIPT.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 

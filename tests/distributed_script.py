@@ -445,19 +445,12 @@ SCRIPT = Path(__file__).resolve()
 
 def run_script(out: Path, mode: str, timeout: float = 900) -> list[dict[str, Any]]:
     """Run this script in ``mode`` in a subprocess; returns the results JSON of each rank that wrote one."""
-    import subprocess
+    from multiprocess import clean_env, run_distributed
 
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    env = clean_env(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     # this checkout's package, not whichever copy is installed (an editable install may point elsewhere)
     env["PYTHONPATH"] = os.pathsep.join([str(SCRIPT.parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), mode],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = run_distributed([sys.executable, str(SCRIPT), str(out), mode], env, timeout)
     tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert proc.returncode == 0, f"{SCRIPT.name} {mode} failed:\n{tail}"
     files = sorted(out.glob(f"results_{mode}_rank*.json"))

@@ -6,7 +6,6 @@ timeout)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 import yaml
 from helpers import DictDataset, tiny_bert
+from multiprocess import clean_env, run_distributed
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -69,22 +69,16 @@ def test_cli_fit_under_fsdp2_completes_and_writes_a_loadable_adapter(tmp_path: P
     }
     path = tmp_path / "fsdp2.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK")}
-    env.update(
+    env = clean_env(
         PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         PYTHONWARNINGS="ignore",
         OMP_NUM_THREADS="1",
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_peft.cli", "fit", "--config", str(path)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,  # the hang this guards against lasts until the process-group timeout (30 minutes)
-    )
+    # the hang this guards against lasts until the process-group timeout (30 minutes)
+    command = [sys.executable, "-m", "lightning_peft.cli", "fit", "--config", str(path)]
+    proc = run_distributed(command, env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-6000:]
     folder = tmp_path / "run" / "adapter"
     assert "adapter saved to" in proc.stderr + proc.stdout
