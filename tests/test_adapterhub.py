@@ -110,15 +110,20 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ],
         "errors": str(root / "errors.json"),
     }
+    run_oracle(root, spec)
+    errors = json.loads((root / "errors.json").read_text())
+    assert not errors, f"the oracle could not write: {errors}"
+    return root
+
+
+def run_oracle(root: Path, spec: dict[str, Any]) -> None:
+    """Runs the AdapterHub oracle (its own venv) on ``spec``, written to ``root/spec.json``."""
     (root / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
     done = subprocess.run(
         [str(ORACLE_PYTHON), str(ORACLE), str(root / "spec.json")], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads((root / "errors.json").read_text())
-    assert not errors, f"the oracle could not write: {errors}"
-    return root
 
 
 @functools.cache
@@ -278,12 +283,7 @@ def read_back(oracle: Path) -> Path:
         ],
         "errors": str(root / "errors.json"),
     }
-    (root / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    done = subprocess.run(
-        [str(ORACLE_PYTHON), str(ORACLE), str(root / "spec.json")], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_oracle(root, spec)
     return root
 
 
